@@ -1,0 +1,53 @@
+"""natsconn's plugin SDK: everything a plugin package imports.
+
+A plugin author reads this module top to bottom: the message, the batch and
+its ack handle, the three plugin kinds, the errors, and a few helpers.
+"""
+
+from ._batch import NO_ACK, AckHandle, Batch, CallbackAck, NoAck
+from ._context import Meters, NullMeters, PluginContext
+from ._errors import (
+    ConfigError,
+    ConnectorError,
+    EndOfInput,
+    PartialWriteError,
+    PluginLoadError,
+    RejectedError,
+    RetryableError,
+)
+from ._message import Message
+from ._plugin import Plugin, PluginConfig, Rejected, Sink, Source, Transform
+from ._template import AddressTemplate
+from ._units import ByteSize, Duration, parse_duration, parse_size
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "NO_ACK",
+    "AckHandle",
+    "AddressTemplate",
+    "Batch",
+    "ByteSize",
+    "CallbackAck",
+    "ConfigError",
+    "ConnectorError",
+    "Duration",
+    "EndOfInput",
+    "Message",
+    "Meters",
+    "NoAck",
+    "NullMeters",
+    "PartialWriteError",
+    "Plugin",
+    "PluginConfig",
+    "PluginContext",
+    "PluginLoadError",
+    "Rejected",
+    "RejectedError",
+    "RetryableError",
+    "Sink",
+    "Source",
+    "Transform",
+    "parse_duration",
+    "parse_size",
+]

@@ -1,0 +1,298 @@
+"""The ``natsconn`` command: run, validate, schema, plugins."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+from ._errors import ConfigError, ConnectorError, PluginLoadError
+from .config.loader import LoadedFile, load_file
+from .engine.supervisor import Supervisor
+from .ops import logs
+from .ops.http import OpsServer
+from .ops.metrics import REGISTRY
+from .registry import Kind, Registry
+from .schema import write_schemas
+
+EXIT_CONFIG = 2
+log = logging.getLogger("natsconn.cli")
+
+RUN_EXAMPLE = """example:
+  natsconn run examples/quickstart.yaml
+  natsconn run pipeline.yaml --log-format json --http-address 0.0.0.0:8080
+"""
+VALIDATE_EXAMPLE = """example:
+  natsconn validate pipeline.yaml && echo valid
+exit codes: 0 valid, 2 invalid (one error with file:line, YAML path, expected and found)
+"""
+SCHEMA_EXAMPLE = """example:
+  natsconn schema              # writes schemas/*.json
+  natsconn schema --check      # exit 1 when schemas/ is stale
+"""
+PLUGINS_EXAMPLE = """example:
+  natsconn plugins             # every installed source, sink and transform
+  natsconn plugins show jetstream
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(
+        prog="natsconn",
+        description="Bridge NATS and JetStream to Kafka, Redis and PostgreSQL.",
+        epilog="example:\n  natsconn validate pipeline.yaml\n  natsconn run pipeline.yaml",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the pipelines of a file", epilog=RUN_EXAMPLE,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument("file", help="pipeline file (YAML)")
+    run.add_argument("--log-format", choices=["json", "console"],
+                     help="override the file's log.format")
+    run.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                     help="override the file's log.level")
+    run.add_argument("--http-address", help="host:port for /healthz /readyz /metrics; "
+                     "'off' disables it")
+    run.add_argument("--progress", action="store_true",
+                     help="print a progress line every second and a summary at the end")
+
+    val = sub.add_parser("validate", help="check a pipeline file without connecting",
+                         epilog=VALIDATE_EXAMPLE,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    val.add_argument("file", nargs="+", help="pipeline file(s)")
+
+    sch = sub.add_parser("schema", help="write JSON Schemas for the file and every plugin",
+                         epilog=SCHEMA_EXAMPLE,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    sch.add_argument("--out", default="schemas", help="directory (default: schemas)")
+    sch.add_argument("--check", action="store_true",
+                     help="write nothing; exit 1 if the directory is stale")
+    sch.add_argument("--only-package", metavar="DIST",
+                     help="only plugins of this distribution (the repo's schemas/ holds "
+                     "--only-package natsconn)")
+
+    plg = sub.add_parser("plugins", help="list installed plugins, or show one's options",
+                         epilog=PLUGINS_EXAMPLE,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    plg_sub = plg.add_subparsers(dest="plugins_command", metavar="show")
+    show = plg_sub.add_parser("show", help="print a plugin's options",
+                              epilog="example:\n  natsconn plugins show kafka",
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    show.add_argument("name")
+    show.add_argument("--kind", choices=["source", "sink", "transform"])
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "validate":
+            return _validate(args.file)
+        if args.command == "schema":
+            return _schema(args.out, args.check, args.only_package)
+        if args.command == "plugins":
+            return _plugins(args)
+        return _run(args)
+    except ConfigError as exc:
+        print(f"error: {logs.REDACTOR(exc.render())}", file=sys.stderr)
+        return EXIT_CONFIG
+    except PluginLoadError as exc:
+        print(f"error: {logs.REDACTOR(str(exc))}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return 130
+
+
+def _validate(files: list[str]) -> int:
+    registry = Registry()
+    status = 0
+    for name in files:
+        try:
+            loaded = load_file(name, registry)
+        except ConfigError as exc:
+            print(f"error: {exc.render()}", file=sys.stderr)
+            status = EXIT_CONFIG
+            continue
+        names = ", ".join(p.spec.name for p in loaded.pipelines)
+        print(f"{name}: valid ({len(loaded.pipelines)} pipeline(s): {names})")
+    return status
+
+
+def _schema(out: str, check: bool, package: str | None) -> int:
+    stale = write_schemas(Path(out), Registry(), check=check, package=package)
+    if check:
+        if stale:
+            print("stale schemas (run `natsconn schema`): " + ", ".join(stale), file=sys.stderr)
+            return 1
+        print(f"{out}/ is up to date")
+        return 0
+    print(f"wrote {out}/ ({len(stale)} file(s) changed)")
+    return 0
+
+
+def _plugins(args: argparse.Namespace) -> int:
+    registry = Registry()
+    kinds: list[Kind] = ["source", "sink", "transform"]
+    if args.plugins_command == "show":
+        matches = [(k, i) for k in kinds if args.kind in (None, k)
+                   for i in registry.infos(k) if i.name == args.name]
+        if not matches:
+            near = registry.unknown(args.kind or "source", args.name)
+            print(f"error: no plugin named {args.name!r} ({near})", file=sys.stderr)
+            return EXIT_CONFIG
+        for kind, info in matches:
+            cls = registry.load(kind, info.name)
+            print(f"{kind} {info.name}  ({info.package} {info.version})")
+            print(f"  {cls.description()}")
+            schema = cls.Config.model_json_schema()
+            required = set(schema.get("required", []))
+            for field, prop in schema.get("properties", {}).items():
+                default = "" if field in required else f" = {json.dumps(prop.get('default'))}"
+                req = " (required)" if field in required else ""
+                desc = prop.get("description", "")
+                print(f"  {field}{req}{default}" + (f"\n      {desc}" if desc else ""))
+            print()
+        return 0
+    for kind in kinds:
+        infos = registry.infos(kind)
+        print(f"{kind}s:")
+        for info in infos:
+            try:
+                desc = registry.load(kind, info.name).description()
+            except PluginLoadError as exc:
+                desc = f"(fails to load: {exc})"
+            print(f"  {info.name:<16} {info.package} {info.version:<8} {desc}")
+    return 0
+
+
+# ---------------------------------------------------------------------- run
+
+
+def _run(args: argparse.Namespace) -> int:
+    loaded = load_file(args.file)
+    logs.REDACTOR.add(loaded.secrets)
+    logs.configure(args.log_format or loaded.spec.log.format,
+                   args.log_level or loaded.spec.log.level)
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    return asyncio.run(_serve(loaded, args.http_address, args.progress))
+
+
+async def _serve(loaded: LoadedFile, http_address: str | None, progress: bool) -> int:
+    instance = os.environ.get("NATSCONN_INSTANCE") or os.environ.get("POD_NAME") or (
+        socket.gethostname()
+    )
+    supervisor = Supervisor(loaded, instance)
+    http_settings = loaded.spec.http
+    address = http_address or http_settings.address
+    server: OpsServer | None = None
+    if http_settings.enabled and address != "off":
+        server = OpsServer(address, supervisor.ready)
+        try:
+            await server.start()
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {address}: {exc.strerror or exc}",
+                              file=loaded.file, path="http.address") from None
+
+    loop = asyncio.get_running_loop()
+    signals = 0
+
+    def on_signal(sig: signal.Signals) -> None:
+        nonlocal signals
+        signals += 1
+        if signals == 1:
+            log.info("%s: stopping; finishing in-flight work (send again to exit at once)",
+                     sig.name)
+            supervisor.stop()
+        else:
+            log.warning("%s again: exiting now; unacknowledged messages will be redelivered",
+                        sig.name)
+            os._exit(130)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+
+    started = time.monotonic()
+    reporter = asyncio.create_task(_report(supervisor)) if progress else None
+    run = asyncio.create_task(supervisor.run())
+    try:
+        while not run.done():
+            await asyncio.wait({run}, timeout=0.5)
+            if supervisor.deadline is not None and not run.done():
+                # Pipelines observe the deadline themselves; this is the backstop for a
+                # plugin stuck in connect or close.
+                grace = supervisor.deadline + 5 - time.monotonic()
+                if grace <= 0:
+                    log.error("shutdown deadline passed; exiting")
+                    run.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await run
+        run.result()
+    finally:
+        if reporter is not None:
+            reporter.cancel()
+        if server is not None:
+            await server.close()
+    if progress:
+        _summary(supervisor, time.monotonic() - started)
+    failed = [n for n, r in supervisor.records.items() if r.last_error and r.ended is None]
+    return 1 if failed else 0
+
+
+def _sample(metric: str, pipeline: str) -> float:
+    return REGISTRY.get_sample_value(metric, {"pipeline": pipeline}) or 0.0
+
+
+def _counts(supervisor: Supervisor) -> dict[str, dict[str, float]]:
+    out = {}
+    for name, rec in supervisor.records.items():
+        pipe = rec.current
+        if pipe is None:
+            continue
+        out[name] = {
+            "in": _sample("natsconn_messages_in_total", name),
+            "out": _sample("natsconn_messages_out_total", name),
+            "dead": _sample("natsconn_dead_lettered_total", name),
+            "retries": _sample("natsconn_retries_total", name),
+            "in_flight": pipe.in_flight,
+        }
+    return out
+
+
+async def _report(supervisor: Supervisor) -> None:
+    last: dict[str, float] = {}
+    while True:
+        await asyncio.sleep(1.0)
+        parts = []
+        for name, c in _counts(supervisor).items():
+            rate = c["out"] - last.get(name, 0.0)
+            last[name] = c["out"]
+            parts.append(f"{name}: {int(c['out'])} written ({int(rate)}/s), "
+                         f"{int(c['in_flight'])} in flight, {int(c['dead'])} dead-lettered")
+        print("progress | " + " | ".join(parts), file=sys.stderr, flush=True)
+
+
+def _summary(supervisor: Supervisor, elapsed: float) -> None:
+    print(f"summary after {elapsed:.1f}s:", file=sys.stderr)
+    for name, c in _counts(supervisor).items():
+        rec = supervisor.records[name]
+        print(f"  {name}: read {int(c['in'])}, written {int(c['out'])}, dead-lettered "
+              f"{int(c['dead'])}, retries {int(c['retries'])}, restarts {rec.restarts}"
+              + (f", last error: {rec.last_error}" if rec.last_error else ""), file=sys.stderr)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""Turning pydantic's validation errors into ConfigErrors with file and line."""
+
+from __future__ import annotations
+
+import types
+import typing
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from .._errors import ConfigError
+from .yaml_tree import Path, format_path
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    kind = {dict: "a mapping", list: "a list", type(None): "nothing"}.get(type(value))
+    return kind if kind and not value else f"{text} ({type(value).__name__})"
+
+
+def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model that holds the last element of ``loc``, if one can be found."""
+    current: Any = model
+    for part in loc:
+        current = _unwrap(current)
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            field = current.model_fields.get(str(part))
+            if field is None:
+                return None
+            current = field.annotation
+        elif isinstance(part, int):
+            args = typing.get_args(current)
+            current = args[0] if args else None
+        else:
+            return None
+    current = _unwrap(current)
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _unwrap(tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            if arg is not type(None):
+                return _unwrap(arg)
+    if origin is typing.Annotated:
+        return _unwrap(typing.get_args(tp)[0])
+    return tp
+
+
+def _nearest_line(lines: Mapping[Path, int], path: Path) -> int | None:
+    for n in range(len(path), -1, -1):
+        if path[:n] in lines:
+            return lines[path[:n]]
+    return None
+
+
+def from_validation_error(
+    exc: ValidationError,
+    model: type[BaseModel],
+    *,
+    file: str,
+    lines: Mapping[Path, int],
+    prefix: Path = (),
+    what: str = "",
+) -> ConfigError:
+    """The first error of ``exc`` as a ConfigError (one clear error beats twenty)."""
+    err = exc.errors(include_url=False)[0]
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+    path: Path = (*prefix, *loc)
+    kind = err["type"]
+    found = err.get("input")
+    suffix = f" ({what})" if what else ""
+    if kind == "missing":
+        message = f"required field {loc[-1]!r} is missing{suffix}"
+    elif kind == "extra_forbidden":
+        holder = _model_at(model, loc[:-1])
+        allowed = sorted(holder.model_fields) if holder else []
+        hint = f"; expected one of: {', '.join(allowed)}" if allowed else ""
+        message = f"unknown key {loc[-1]!r}{suffix}{hint}"
+    else:
+        msg = err["msg"]
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        elif msg.startswith("Input should be"):
+            msg = "expected " + msg[len("Input should be "):]
+        message = f"{msg}, found {_describe(found)}{suffix}" if "found" not in msg else (
+            msg + suffix
+        )
+    return ConfigError(message, file=file, line=_nearest_line(lines, path), path=format_path(path))

@@ -1,0 +1,152 @@
+"""Pass one (structure) and pass two (each plugin's options) over a pipeline file."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path as FsPath
+from typing import Any
+
+from pydantic import SecretBytes, SecretStr, ValidationError
+
+from .._errors import ConfigError, PluginLoadError
+from .._plugin import Plugin, PluginConfig
+from ..registry import Kind, Registry
+from .errors import from_validation_error
+from .interpolate import interpolate
+from .model import FileSpec, PipelineSpec, PluginSpec
+from .yaml_tree import Path, format_path, parse_yaml
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedPlugin:
+    """A plugin block checked against its plugin's own options model."""
+
+    kind: Kind
+    name: str
+    cls: type[Plugin]  # type: ignore[type-arg]
+    config: PluginConfig
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineConfig:
+    spec: PipelineSpec
+    source: ResolvedPlugin
+    transforms: tuple[ResolvedPlugin, ...]
+    sink: ResolvedPlugin
+    dead_letter: ResolvedPlugin | None
+
+
+@dataclass(slots=True)
+class LoadedFile:
+    file: str
+    spec: FileSpec
+    pipelines: list[PipelineConfig]
+    secrets: set[str] = field(default_factory=set)
+
+
+def load_file(
+    path: str | FsPath, registry: Registry | None = None, env: Mapping[str, str] | None = None
+) -> LoadedFile:
+    name = str(path)
+    try:
+        text = FsPath(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError("file not found", file=name) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"expected UTF-8 text, found an undecodable byte at {exc.start}",
+                          file=name) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read: {exc.strerror or exc}", file=name) from None
+    return load_text(text, name, registry, env)
+
+
+def load_text(
+    text: str,
+    file: str = "<string>",
+    registry: Registry | None = None,
+    env: Mapping[str, str] | None = None,
+) -> LoadedFile:
+    registry = registry if registry is not None else Registry()
+    raw, lines = parse_yaml(text, file)
+    if raw is None:
+        raise ConfigError("the file is empty; expected a mapping with 'pipelines:'", file=file)
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"expected a mapping with 'pipelines:' at the top, found {type(raw).__name__}",
+            file=file, line=lines.get(()),
+        )
+    secrets: set[str] = set()
+    data = interpolate(raw, lines, file, env, secrets.add)
+    try:
+        spec = FileSpec.model_validate(data)
+    except ValidationError as exc:
+        raise from_validation_error(exc, FileSpec, file=file, lines=lines) from None
+
+    pipelines = []
+    for i, p in enumerate(spec.pipelines):
+        base: Path = ("pipelines", i)
+        source = _resolve(registry, "source", p.source, (*base, "source"), file, lines, p.name)
+        transforms = tuple(
+            _resolve(registry, "transform", t, (*base, "transforms", j), file, lines, p.name)
+            for j, t in enumerate(p.transforms)
+        )
+        sink = _resolve(registry, "sink", p.sink, (*base, "sink"), file, lines, p.name)
+        dlq = (
+            _resolve(registry, "sink", p.dead_letter, (*base, "dead_letter"), file, lines, p.name)
+            if p.dead_letter is not None
+            else None
+        )
+        for plugin in (source, *transforms, sink, *([dlq] if dlq else [])):
+            _collect_secrets(plugin.config, secrets)
+        pipelines.append(PipelineConfig(p, source, transforms, sink, dlq))
+    return LoadedFile(file, spec, pipelines, secrets)
+
+
+def _resolve(
+    registry: Registry,
+    kind: Kind,
+    spec: PluginSpec,
+    path: Path,
+    file: str,
+    lines: Mapping[Path, int],
+    pipeline: str,
+) -> ResolvedPlugin:
+    try:
+        cls = registry.load(kind, spec.type)
+    except PluginLoadError as exc:
+        raise ConfigError(str(exc), file=file, line=lines.get((*path, "type"), lines.get(path)),
+                          path=format_path((*path, "type"))) from None
+    try:
+        config = cls.Config.model_validate(spec.options())
+    except ValidationError as exc:
+        raise from_validation_error(
+            exc, cls.Config, file=file, lines=lines, prefix=path,
+            what=f"{kind} plugin {spec.type!r} in pipeline {pipeline!r}",
+        ) from None
+    except ConfigError as exc:  # a plugin's own validator may raise one
+        raise ConfigError(exc.message, file=file, line=lines.get(path),
+                          path=format_path(path)) from None
+    return ResolvedPlugin(kind, spec.type, cls, config)
+
+
+def _collect_secrets(value: Any, out: set[str]) -> None:
+    """Every SecretStr/SecretBytes value below a config, for log redaction."""
+    if isinstance(value, SecretStr):
+        if value.get_secret_value():
+            out.add(value.get_secret_value())
+    elif isinstance(value, SecretBytes):
+        raw = value.get_secret_value()
+        if raw:
+            out.add(raw.decode("utf-8", "replace"))
+    elif isinstance(value, PluginConfig | dict | list | tuple):
+        items: Any = (
+            (getattr(value, n) for n in type(value).model_fields)
+            if isinstance(value, PluginConfig)
+            else value.values() if isinstance(value, dict) else value
+        )
+        for item in items:
+            _collect_secrets(item, out)
+    elif hasattr(value, "model_fields"):
+        for n in type(value).model_fields:
+            _collect_secrets(getattr(value, n), out)

@@ -1,0 +1,105 @@
+"""The structure of a pipeline file (pass one of validation).
+
+Plugin options are checked in pass two against each plugin's own ``Config``;
+here a plugin block is only ``type`` plus whatever sits beside it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from .._units import ByteSize, Duration
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PluginSpec(BaseModel):
+    """``{type: NAME, ...options}``: a plugin and its options, side by side."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    type: str = Field(description="the plugin's registered name, e.g. jetstream, kafka")
+
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class BatchPolicy(_Strict):
+    """How messages are grouped for the sink; also pushed down to the source's reads."""
+
+    max_messages: int = Field(1000, ge=1, le=1_000_000, description="messages per batch")
+    max_bytes: ByteSize = Field(4 * 1024 * 1024, description="bytes per batch")
+    max_wait: Duration = Field(
+        0.02, description="longest a partial batch waits for more (linger)"
+    )
+
+
+class RetryPolicy(_Strict):
+    """Backoff for retryable write failures. ``max_attempts: null`` retries
+    retryable failures for ever (the safe default: nothing leaves the source
+    until written); a number sends the message to the dead-letter target after
+    that many attempts."""
+
+    max_attempts: int | None = Field(None, ge=1)
+    initial_backoff: Duration = 0.1
+    max_backoff: Duration = 30.0
+    multiplier: float = Field(2.0, ge=1.0)
+
+
+class PipelineSpec(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100)
+    source: PluginSpec
+    transforms: list[PluginSpec] = Field(default_factory=list)
+    sink: PluginSpec
+    dead_letter: PluginSpec | None = None
+    batch: BatchPolicy = Field(default_factory=BatchPolicy)  # type: ignore[arg-type]
+    max_in_flight: int = Field(4, ge=1, le=1024, description="concurrent sink writes")
+    max_in_flight_bytes: ByteSize = Field(
+        64 * 1024 * 1024, description="bytes read but not yet acknowledged, at most"
+    )
+    retry: RetryPolicy = Field(default_factory=RetryPolicy)  # type: ignore[arg-type]
+    in_progress_interval: Duration = Field(
+        5.0, description="how often a long write extends the source's ack deadline"
+    )
+
+
+class HttpSettings(_Strict):
+    enabled: bool = True
+    address: str = Field("0.0.0.0:8080", description="host:port for /healthz /readyz /metrics")
+
+    @field_validator("address")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError(f"expected host:port such as 0.0.0.0:8080, found {value!r}")
+        return value
+
+
+class LogSettings(_Strict):
+    format: Literal["json", "console"] = "console"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class FileSpec(_Strict):
+    """A pipeline file: one or more pipelines and the process settings."""
+
+    pipelines: list[PipelineSpec] = Field(min_length=1)
+    http: HttpSettings = Field(default_factory=HttpSettings)  # type: ignore[arg-type]
+    log: LogSettings = Field(default_factory=LogSettings)  # type: ignore[arg-type]
+    shutdown_timeout: Duration = Field(30.0, description="longest a graceful stop may take")
+    restart_backoff: Duration = Field(1.0, description="first wait before a failed pipeline restarts")
+    restart_backoff_max: Duration = 60.0
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> FileSpec:
+        seen: set[str] = set()
+        for p in self.pipelines:
+            if p.name in seen:
+                raise ValueError(f"pipeline name {p.name!r} is used twice; names must be unique")
+            seen.add(p.name)
+        return self

@@ -1,0 +1,76 @@
+"""YAML to Python values while remembering the line of every node.
+
+PyYAML's composed node tree keeps marks; we build the values ourselves from it
+so that each YAML path (``("pipelines", 0, "sink", "topic")``) maps to a line.
+Duplicate keys are an error here, where plain YAML would silently keep the last.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+from .._errors import ConfigError
+
+Path = tuple[str | int, ...]
+
+
+def format_path(path: Path) -> str:
+    out = ""
+    for part in path:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "(top level)"
+
+
+def parse_yaml(text: str, file: str) -> tuple[Any, dict[Path, int]]:
+    """Return the document's value and a map from YAML path to 1-based line."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else None
+        problem = exc.problem or exc.context or "invalid YAML"
+        raise ConfigError(f"invalid YAML: {problem}", file=file, line=line) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"invalid YAML: {exc}", file=file) from None
+    finally:
+        loader.dispose()
+    lines: dict[Path, int] = {}
+    if node is None:
+        return None, lines
+    return _build(loader, node, (), lines, file), lines
+
+
+def _build(loader: yaml.SafeLoader, node: yaml.Node, path: Path, lines: dict[Path, int],
+           file: str) -> Any:
+    lines[path] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        loader.flatten_mapping(node)
+        result: dict[Any, Any] = {}
+        for key_node, value_node in node.value:
+            key = loader.construct_object(key_node, deep=True)
+            if not isinstance(key, str | int | float | bool) or key is None:
+                raise ConfigError(
+                    f"expected a plain key, found {key!r}", file=file,
+                    line=key_node.start_mark.line + 1, path=format_path(path),
+                )
+            key = str(key) if not isinstance(key, str) else key
+            if key in result:
+                raise ConfigError(
+                    f"duplicate key {key!r} (first at line {lines[(*path, key)]})",
+                    file=file, line=key_node.start_mark.line + 1, path=format_path(path),
+                )
+            child = (*path, key)
+            result[key] = _build(loader, value_node, child, lines, file)
+            lines[child] = key_node.start_mark.line + 1
+        return result
+    if isinstance(node, yaml.SequenceNode):
+        return [
+            _build(loader, item, (*path, i), lines, file) for i, item in enumerate(node.value)
+        ]
+    return loader.construct_object(node, deep=True)

@@ -1,0 +1,1 @@
+"""Operations: metrics, the health/metrics HTTP endpoint, structured logs."""

@@ -1,0 +1,103 @@
+"""Prometheus metrics, one set per process, labelled by pipeline.
+
+Children are bound once per pipeline (``PipelineMetrics``) so the hot path does
+a counter add per batch, never a label lookup per message.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+_P = ("pipeline",)
+
+MESSAGES_IN = Counter("natsconn_messages_in", "Messages read from the source", _P,
+                      registry=REGISTRY)
+MESSAGES_OUT = Counter("natsconn_messages_out", "Messages written durably by the sink", _P,
+                       registry=REGISTRY)
+BYTES_IN = Counter("natsconn_bytes_in", "Payload bytes read from the source", _P,
+                   registry=REGISTRY)
+BYTES_OUT = Counter("natsconn_bytes_out", "Payload bytes written by the sink", _P,
+                    registry=REGISTRY)
+BATCHES = Counter("natsconn_batches_written", "Sink batches written", _P, registry=REGISTRY)
+WRITE_SECONDS = Histogram(
+    "natsconn_write_seconds", "Sink write latency per batch", _P, registry=REGISTRY,
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+IN_FLIGHT = Gauge("natsconn_in_flight_messages", "Messages read but not yet acknowledged", _P,
+                  registry=REGISTRY)
+IN_FLIGHT_BYTES = Gauge("natsconn_in_flight_bytes", "Payload bytes read but not acknowledged",
+                        _P, registry=REGISTRY)
+RETRIES = Counter("natsconn_retries", "Sink write attempts that failed and were retried", _P,
+                  registry=REGISTRY)
+DEAD_LETTERED = Counter("natsconn_dead_lettered", "Messages sent to the dead-letter target",
+                        _P, registry=REGISTRY)
+REJECTED_UNROUTED = Counter(
+    "natsconn_rejected_without_dead_letter",
+    "Poison messages terminated at the source because no dead-letter target is set", _P,
+    registry=REGISTRY,
+)
+DROPPED = Counter("natsconn_dropped", "Messages lost before natsconn could hold them",
+                  ("pipeline", "reason"), registry=REGISTRY)
+SOURCE_LAG = Gauge("natsconn_source_lag", "Messages waiting at the source, where it knows", _P,
+                   registry=REGISTRY)
+UP = Gauge("natsconn_pipeline_up", "1 while the pipeline is connected and running", _P,
+           registry=REGISTRY)
+RESTARTS = Counter("natsconn_pipeline_restarts", "Times the pipeline failed and restarted", _P,
+                   registry=REGISTRY)
+RECONNECTS = Counter("natsconn_reconnects", "Plugin connections re-established", ("pipeline",
+                     "role"), registry=REGISTRY)
+DISCONNECTS = Counter("natsconn_disconnects", "Plugin connections lost", ("pipeline", "role"),
+                      registry=REGISTRY)
+ACKS = Counter("natsconn_source_batches_settled", "Source batches settled, by outcome",
+               ("pipeline", "outcome"), registry=REGISTRY)
+
+_log = logging.getLogger("natsconn.metrics")
+
+
+class PipelineMetrics:
+    """The metric children of one pipeline."""
+
+    def __init__(self, pipeline: str) -> None:
+        self.pipeline = pipeline
+        self.messages_in = MESSAGES_IN.labels(pipeline)
+        self.messages_out = MESSAGES_OUT.labels(pipeline)
+        self.bytes_in = BYTES_IN.labels(pipeline)
+        self.bytes_out = BYTES_OUT.labels(pipeline)
+        self.batches = BATCHES.labels(pipeline)
+        self.write_seconds = WRITE_SECONDS.labels(pipeline)
+        self.in_flight = IN_FLIGHT.labels(pipeline)
+        self.in_flight_bytes = IN_FLIGHT_BYTES.labels(pipeline)
+        self.retries = RETRIES.labels(pipeline)
+        self.dead_lettered = DEAD_LETTERED.labels(pipeline)
+        self.rejected_unrouted = REJECTED_UNROUTED.labels(pipeline)
+        self.lag = SOURCE_LAG.labels(pipeline)
+        self.up = UP.labels(pipeline)
+        self.restarts = RESTARTS.labels(pipeline)
+        self.acks = {o: ACKS.labels(pipeline, o) for o in ("ack", "nack", "term")}
+
+
+class PluginMeters:
+    """The SDK's ``Meters`` for one plugin instance, backed by Prometheus."""
+
+    def __init__(self, pipeline: str, role: str, logger: logging.Logger) -> None:
+        self._pipeline = pipeline
+        self._logger = logger
+        self._reconnects = RECONNECTS.labels(pipeline, role)
+        self._disconnects = DISCONNECTS.labels(pipeline, role)
+        self._lag = SOURCE_LAG.labels(pipeline)
+
+    def dropped(self, count: int, reason: str) -> None:
+        DROPPED.labels(self._pipeline, reason).inc(count)
+        self._logger.warning("%d message(s) dropped: %s", count, reason)
+
+    def reconnected(self) -> None:
+        self._reconnects.inc()
+
+    def disconnected(self) -> None:
+        self._disconnects.inc()
+
+    def lag(self, messages: int) -> None:
+        self._lag.set(messages)

@@ -1,0 +1,135 @@
+"""Finding plugins: stevedore over the ``natsconn.*`` entry-point groups.
+
+Plugins load lazily, one name at a time, so a broken third-party package only
+matters when a pipeline asks for it. Two distributions registering one name is
+an error that names both; it is never resolved by picking one.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Literal
+
+from stevedore import DriverManager
+
+from ._errors import PluginLoadError
+from ._plugin import Plugin, Sink, Source, Transform
+
+Kind = Literal["source", "sink", "transform"]
+NAMESPACES: dict[Kind, str] = {
+    "source": "natsconn.sources",
+    "sink": "natsconn.sinks",
+    "transform": "natsconn.transforms",
+}
+_BASES: dict[Kind, type[Plugin]] = {  # type: ignore[type-arg]
+    "source": Source, "sink": Sink, "transform": Transform,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class PluginInfo:
+    kind: Kind
+    name: str
+    target: str
+    package: str
+    version: str
+
+
+def _distribution(ep: metadata.EntryPoint) -> tuple[str, str]:
+    dist = getattr(ep, "dist", None)
+    if dist is None:
+        return "(unknown package)", ""
+    return dist.metadata["Name"] or "(unknown package)", dist.version or ""
+
+
+class Registry:
+    """Installed plugins by kind and name."""
+
+    def __init__(self, classes: Mapping[Kind, Mapping[str, type[Plugin]]] | None = None) -> None:  # type: ignore[type-arg]
+        self._fixed = classes
+        self._cache: dict[tuple[Kind, str], type[Plugin]] = {}  # type: ignore[type-arg]
+
+    @classmethod
+    def make_test_instance(
+        cls, classes: Mapping[Kind, Mapping[str, type[Plugin]]]  # type: ignore[type-arg]
+    ) -> Registry:
+        """A registry of given classes, with no entry points involved."""
+        return cls(classes)
+
+    def infos(self, kind: Kind) -> list[PluginInfo]:
+        if self._fixed is not None:
+            return [
+                PluginInfo(kind, n, f"{c.__module__}:{c.__qualname__}", c.__module__, "")
+                for n, c in sorted(self._fixed.get(kind, {}).items())
+            ]
+        seen: dict[str, dict[tuple[str, str], PluginInfo]] = defaultdict(dict)
+        for ep in metadata.entry_points(group=NAMESPACES[kind]):
+            package, version = _distribution(ep)
+            seen[ep.name][(package, ep.value)] = PluginInfo(kind, ep.name, ep.value, package,
+                                                            version)
+        out: list[PluginInfo] = []
+        for name in sorted(seen):
+            found = list(seen[name].values())
+            if len(found) > 1:
+                who = " and ".join(f"{i.package} ({i.target})" for i in found)
+                raise PluginLoadError(
+                    f"{kind} plugin name {name!r} is registered by more than one package: {who}; "
+                    "uninstall one of them"
+                )
+            out.extend(found)
+        return out
+
+    def names(self, kind: Kind) -> list[str]:
+        return [i.name for i in self.infos(kind)]
+
+    def unknown(self, kind: Kind, name: str) -> str:
+        """The sentence for an unknown ``type:``, with the nearest installed name."""
+        names = self.names(kind)
+        close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        installed = ", ".join(names) or "none"
+        return f"unknown {kind} type {name!r}{hint} (installed: {installed})"
+
+    def load(self, kind: Kind, name: str) -> type[Plugin]:  # type: ignore[type-arg]
+        key = (kind, name)
+        if key in self._cache:
+            return self._cache[key]
+        if self._fixed is not None:
+            found = self._fixed.get(kind, {}).get(name)
+            if found is None:
+                raise PluginLoadError(self.unknown(kind, name))
+            self._cache[key] = found
+            return found
+        infos = {i.name: i for i in self.infos(kind)}
+        info = infos.get(name)
+        if info is None:
+            raise PluginLoadError(self.unknown(kind, name))
+        failures: list[BaseException] = []
+
+        def on_failure(_manager: object, _ep: object, exc: BaseException) -> None:
+            failures.append(exc)
+
+        try:
+            manager = DriverManager(
+                NAMESPACES[kind], name, invoke_on_load=False,
+                on_load_failure_callback=on_failure,
+            )
+            plugin = manager.driver
+        except Exception as exc:
+            cause = failures[0] if failures else exc
+            raise PluginLoadError(
+                f"{kind} plugin {name!r} from package {info.package} failed to load: "
+                f"{type(cause).__name__}: {cause}"
+            ) from cause
+        base = _BASES[kind]
+        if not (isinstance(plugin, type) and issubclass(plugin, base)):
+            raise PluginLoadError(
+                f"{kind} plugin {name!r} from package {info.package} is {plugin!r}, "
+                f"not a subclass of connector.{base.__name__}"
+            )
+        self._cache[key] = plugin
+        return plugin

@@ -1,0 +1,77 @@
+"""The ``generate`` source: synthetic messages at a count and rate."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+from pydantic import Field
+
+from connector import Batch, EndOfInput, Message, PluginConfig, Source
+
+
+class GenerateConfig(PluginConfig):
+    count: int | None = Field(None, ge=0, description="messages in all; unset for no end")
+    rate: float | None = Field(None, gt=0, description="messages per second; unset for "
+                               "as fast as the pipeline takes them")
+    size: int = Field(128, ge=12, le=64 * 1024 * 1024,
+                      description="payload bytes; the first 12 are the sequence number")
+    subject: str = Field("generated.{mod}", description="subject; {seq} is the sequence "
+                         "number, {mod} the sequence number modulo `modulo`")
+    modulo: int = Field(10, ge=1)
+    key: str | None = Field(None, description="key template, same placeholders as subject")
+    headers: dict[str, str] = Field(default_factory=dict)
+    ids: bool = Field(True, description="give each message the id 'gen-<seq>'")
+
+
+class GenerateSource(Source[GenerateConfig]):
+    """Synthetic messages: a count, a rate, a size; for tests and benchmarks."""
+
+    Config = GenerateConfig
+
+    async def connect(self) -> None:
+        cfg = self.config
+        self._seq = 0
+        self._started = time.monotonic()
+        self._filler = os.urandom(cfg.size - 12)
+        self._subject_const = "{" not in cfg.subject
+        self._headers = dict(cfg.headers)
+
+    def _subject(self, seq: int) -> str:
+        cfg = self.config
+        return cfg.subject.replace("{seq}", str(seq)).replace("{mod}", str(seq % cfg.modulo))
+
+    async def read_batch(self, max_messages: int, max_wait: float) -> Batch | None:
+        cfg = self.config
+        n = max_messages
+        if cfg.count is not None:
+            n = min(n, cfg.count - self._seq)
+            if n <= 0:
+                raise EndOfInput("generated every message")
+        if cfg.rate is not None:
+            allowed = int((time.monotonic() - self._started) * cfg.rate) - self._seq
+            if allowed <= 0:
+                await asyncio.sleep(min(max_wait, 1.0 / cfg.rate))
+                return None
+            n = min(n, allowed)
+        first = self._seq
+        self._seq += n
+        filler, headers, now = self._filler, self._headers, time.time()
+        subject_const = cfg.subject if self._subject_const else None
+        key_tpl = cfg.key
+        messages = []
+        for seq in range(first, first + n):
+            key = None
+            if key_tpl is not None:
+                key = key_tpl.replace("{seq}", str(seq)).replace(
+                    "{mod}", str(seq % cfg.modulo)).encode()
+            messages.append(Message(
+                b"%012d" % seq + filler,
+                subject_const or self._subject(seq),
+                key,
+                headers,
+                now,
+                f"gen-{seq}" if cfg.ids else None,
+            ))
+        return Batch(messages)
