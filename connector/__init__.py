@@ -4,6 +4,7 @@ A plugin author reads this module top to bottom: the message, the batch and
 its ack handle, the three plugin kinds, the errors, and a few helpers.
 """
 
+from ._buffer import PushBuffer
 from ._batch import NO_ACK, AckHandle, Batch, CallbackAck, NoAck
 from ._context import Meters, NullMeters, PluginContext
 from ._errors import (
@@ -42,6 +43,7 @@ __all__ = [
     "PluginConfig",
     "PluginContext",
     "PluginLoadError",
+    "PushBuffer",
     "Rejected",
     "RejectedError",
     "RetryableError",

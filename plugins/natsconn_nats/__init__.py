@@ -1,0 +1,1 @@
+"""NATS and JetStream sources and sinks for natsconn."""

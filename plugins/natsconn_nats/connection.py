@@ -1,0 +1,134 @@
+"""Connection options shared by the four NATS plugins, and the connect call.
+
+TLS is verified whenever it is configured; there is no switch to turn
+verification off, and natsconn never falls back to plain text by itself.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import nats
+from nats.aio.client import Client as NATS
+from pydantic import Field, SecretStr, field_validator
+
+from connector import ConnectorError, Duration, PluginConfig, PluginContext, RetryableError
+
+
+class TlsConfig(PluginConfig):
+    ca_file: str | None = Field(None, description="CA bundle to verify the server with")
+    cert_file: str | None = Field(None, description="client certificate (mutual TLS)")
+    key_file: str | None = Field(None, description="client private key (mutual TLS)")
+    hostname: str | None = Field(None, description="expected server name, if not the URL's")
+    handshake_first: bool = Field(False, description="TLS before the NATS INFO (server "
+                                  "option handshake_first)")
+
+
+class NatsConnectionConfig(PluginConfig):
+    servers: list[str] = Field(default_factory=lambda: ["nats://127.0.0.1:4222"],
+                               min_length=1, description="NATS server URLs")
+    name: str | None = Field(None, description="connection name shown by the server; "
+                             "defaults to natsconn:<pipeline>:<role>")
+    user: str | None = None
+    password: SecretStr | None = None
+    token: SecretStr | None = None
+    nkey_seed: SecretStr | None = Field(None, description="an NKey seed (SU...)")
+    creds_file: str | None = Field(None, description="a .creds file (user JWT and seed)")
+    tls: TlsConfig | None = None
+    connect_timeout: Duration = 5.0
+    reconnect_wait: Duration = 1.0
+    max_reconnect_attempts: int = Field(-1, description="-1: reconnect for ever")
+    ping_interval: Duration = 20.0
+
+    @field_validator("creds_file")
+    @classmethod
+    def _readable(cls, value: str | None) -> str | None:
+        if value is not None and not Path(value).is_file():
+            raise ValueError(f"expected a readable creds file, found no file at {value!r}")
+        return value
+
+
+def _tls_context(tls: TlsConfig) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=tls.ca_file)
+    if tls.cert_file or tls.key_file:
+        if not (tls.cert_file and tls.key_file):
+            raise ConnectorError("tls: cert_file and key_file go together")
+        ctx.load_cert_chain(tls.cert_file, tls.key_file)
+    return ctx
+
+
+async def open_connection(
+    config: NatsConnectionConfig,
+    context: PluginContext,
+    reconnected: Callable[[], Awaitable[None]] | None = None,
+) -> NATS:
+    """Connect with the shared options; connection events go to the logs and meters.
+
+    ``reconnected`` runs after each reconnect (pull consumers re-issue requests).
+    """
+    log, meters = context.logger, context.meters
+
+    async def on_error(exc: Exception) -> None:
+        if isinstance(exc, nats.errors.SlowConsumerError):
+            meters.dropped(1, "nats slow consumer: client pending limit exceeded")
+            return
+        log.warning("nats: %s", exc or type(exc).__name__)
+
+    async def on_disconnect() -> None:
+        if nc.is_closed:
+            return  # our own close
+        meters.disconnected()
+        log.warning("nats: disconnected; reconnecting")
+
+    async def on_reconnect() -> None:
+        meters.reconnected()
+        log.info("nats: reconnected")
+        if reconnected is not None:
+            await reconnected()
+
+    kwargs: dict[str, object] = {}
+    if config.user:
+        kwargs["user"] = config.user
+    if config.password is not None:
+        kwargs["password"] = config.password.get_secret_value()
+    if config.token is not None:
+        kwargs["token"] = config.token.get_secret_value()
+    if config.nkey_seed is not None:
+        kwargs["nkeys_seed_str"] = config.nkey_seed.get_secret_value()
+    if config.creds_file:
+        kwargs["user_credentials"] = config.creds_file
+    if config.tls is not None:
+        kwargs["tls"] = _tls_context(config.tls)
+        if config.tls.hostname:
+            kwargs["tls_hostname"] = config.tls.hostname
+        kwargs["tls_handshake_first"] = config.tls.handshake_first
+    nc = NATS()
+    try:
+        await nc.connect(
+            servers=config.servers,
+            name=config.name or f"natsconn:{context.pipeline}:{context.role}",
+            connect_timeout=config.connect_timeout,  # type: ignore[arg-type]
+            reconnect_time_wait=config.reconnect_wait,  # type: ignore[arg-type]
+            max_reconnect_attempts=config.max_reconnect_attempts,
+            ping_interval=config.ping_interval,  # type: ignore[arg-type]
+            allow_reconnect=True,
+            error_cb=on_error,
+            disconnected_cb=on_disconnect,
+            reconnected_cb=on_reconnect,
+            pending_size=64 * 1024 * 1024,
+            **kwargs,  # type: ignore[arg-type]
+        )
+    except Exception as exc:
+        servers = ", ".join(config.servers)
+        reason = str(exc) or type(exc).__name__
+        if isinstance(exc, ssl.SSLError | ssl.CertificateError):
+            reason = f"TLS: {reason}"
+        raise RetryableError(f"cannot connect to NATS at {servers}: {reason}") from None
+    return nc
+
+
+def nats_error(exc: BaseException) -> RetryableError:
+    """A client error during a write, as the engine's retryable kind."""
+    return RetryableError(f"nats: {exc or type(exc).__name__}")

@@ -1,0 +1,184 @@
+"""The ``jetstream`` sink: pipelined publishes, PubAcks collected per batch.
+
+Every message of a batch is published at once with its own reply subject on
+one long-lived inbox; the batch is written when every PubAck is in. That is
+one round trip per batch, not per message. ``Nats-Msg-Id`` from
+``Message.id`` lets the stream drop the duplicates that a retry or a crash
+would otherwise add (within the stream's duplicate window).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+from collections.abc import Sequence
+
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.errors import BadSubjectError
+from nats.js.errors import NotFoundError
+from pydantic import Field
+
+from connector import (
+    AddressTemplate,
+    ConnectorError,
+    Duration,
+    Message,
+    PartialWriteError,
+    RejectedError,
+    RetryableError,
+    Sink,
+)
+
+from .connection import NatsConnectionConfig, nats_error, open_connection
+
+MSG_ID = "Nats-Msg-Id"
+# JetStream API error codes that no retry can cure.
+_POISON_CODES = {
+    10054,  # message size exceeds maximum allowed
+    10071,  # wrong last sequence
+    10070,  # wrong last msg id
+    10060,  # expected stream does not match
+}
+
+
+class JetStreamSinkConfig(NatsConnectionConfig):
+    subject: str = Field("{subject}", description="subject template: {subject}, "
+                         "{subject[N]}, {header[Name]}, {key}, {id}")
+    dedupe: bool = Field(True, description="set Nats-Msg-Id from the message id so the "
+                         "stream drops redelivered duplicates")
+    ack_timeout: Duration = Field(10.0, gt=0, description="longest wait for a batch's PubAcks")
+    stream: str | None = Field(None, description="expected stream (Nats-Expected-Stream); "
+                               "with stream_subjects, created if missing")
+    stream_subjects: list[str] | None = Field(None, description="create `stream` with these "
+                                              "subjects if it does not exist")
+
+
+class _InFlight:
+    __slots__ = ("done", "errors", "remaining", "seen")
+
+    def __init__(self, n: int) -> None:
+        self.remaining = n
+        self.seen = bytearray(n)
+        self.errors: dict[int, RetryableError | RejectedError] = {}
+        self.done = asyncio.get_running_loop().create_future()
+
+
+class JetStreamSink(Sink[JetStreamSinkConfig]):
+    """JetStream publish with PubAck, pipelined per batch, deduplicated by message id."""
+
+    Config = JetStreamSinkConfig
+
+    async def connect(self) -> None:
+        cfg = self.config
+        self._template = AddressTemplate(cfg.subject)
+        self._nc: NATS = await open_connection(cfg, self.context)
+        if cfg.stream and cfg.stream_subjects:
+            js = self._nc.jetstream()
+            try:
+                await js.stream_info(cfg.stream)
+            except NotFoundError:
+                await js.add_stream(name=cfg.stream, subjects=cfg.stream_subjects)
+            except Exception as exc:
+                raise ConnectorError(f"cannot look up stream {cfg.stream!r}: {exc}") from None
+        self._ids = itertools.count()
+        self._batches: dict[str, _InFlight] = {}
+        self._inbox = self._nc.new_inbox()
+        self._sub: Subscription = await self._nc.subscribe(
+            self._inbox + ".*.*", cb=self._on_ack, pending_msgs_limit=-1,
+            pending_bytes_limit=-1)
+        self._prefix_len = len(self._inbox) + 1
+
+    async def _on_ack(self, msg: Msg) -> None:
+        batch_id, _, index_text = msg.subject[self._prefix_len:].partition(".")
+        state = self._batches.get(batch_id)
+        if state is None:
+            return  # a late ack for a batch that timed out; its retry is deduplicated
+        index = int(index_text)
+        if state.seen[index]:
+            return
+        state.seen[index] = 1
+        data = msg.data
+        if msg.headers and msg.headers.get("Status") == "503":
+            state.errors[index] = RetryableError(
+                f"no stream captures subject {msg.subject!r} (no responders)")
+        elif b'"error"' in data:
+            state.errors[index] = _pub_error(data)
+        state.remaining -= 1
+        if state.remaining == 0 and not state.done.done():
+            state.done.set_result(None)
+
+    async def write_batch(self, messages: Sequence[Message]) -> None:
+        cfg = self.config
+        nc = self._nc
+        batch_id = str(next(self._ids))
+        state = _InFlight(len(messages))
+        self._batches[batch_id] = state
+        prefix = f"{self._inbox}.{batch_id}."
+        render = self._template.render
+        dedupe = cfg.dedupe
+        expected = cfg.stream
+        max_payload = nc.max_payload
+        try:
+            for i, m in enumerate(messages):
+                try:
+                    subject = render(m)
+                    if len(m.data) > max_payload:
+                        raise RejectedError(f"payload of {len(m.data)} bytes exceeds the "
+                                            f"server's max_payload {max_payload}")
+                    headers = dict(m.headers) if m.headers else {}
+                    if dedupe and m.id is not None:
+                        headers[MSG_ID] = m.id
+                    if expected:
+                        headers["Nats-Expected-Stream"] = expected
+                    await nc.publish(subject, m.data, reply=prefix + str(i),
+                                     headers=headers or None)
+                except (RejectedError, BadSubjectError) as exc:
+                    if isinstance(exc, BadSubjectError):
+                        exc = RejectedError(f"invalid NATS subject for message {i}")
+                    state.errors[i] = exc  # type: ignore[assignment]
+                    state.seen[i] = 1
+                    state.remaining -= 1
+            if state.remaining > 0:
+                try:
+                    await asyncio.wait_for(asyncio.shield(state.done), cfg.ack_timeout)
+                except TimeoutError:
+                    for i in range(len(messages)):
+                        if not state.seen[i]:
+                            state.errors[i] = RetryableError(
+                                f"no PubAck within {cfg.ack_timeout}s")
+        except ConnectorError:
+            raise
+        except Exception as exc:
+            raise nats_error(exc) from exc
+        finally:
+            del self._batches[batch_id]
+        if state.errors:
+            if len(state.errors) == len(messages) and all(
+                isinstance(e, RetryableError) for e in state.errors.values()
+            ):
+                raise next(iter(state.errors.values()))
+            raise PartialWriteError(state.errors)
+
+    async def close(self) -> None:
+        nc = getattr(self, "_nc", None)
+        if nc is not None:
+            try:
+                await nc.flush(timeout=5)
+            except Exception:
+                pass
+            await nc.close()
+
+
+def _pub_error(data: bytes) -> RetryableError | RejectedError:
+    try:
+        error = json.loads(data).get("error", {})
+    except ValueError:
+        return RetryableError(f"unreadable PubAck: {data[:200]!r}")
+    code = error.get("err_code")
+    text = f"JetStream error {error.get('code')}/{code}: {error.get('description')}"
+    if code in _POISON_CODES:
+        return RejectedError(text)
+    return RetryableError(text)
