@@ -4,8 +4,8 @@ A plugin author reads this module top to bottom: the message, the batch and
 its ack handle, the three plugin kinds, the errors, and a few helpers.
 """
 
-from ._buffer import PushBuffer
 from ._batch import NO_ACK, AckHandle, Batch, CallbackAck, NoAck
+from ._buffer import PushBuffer
 from ._context import Meters, NullMeters, PluginContext
 from ._errors import (
     ConfigError,

@@ -80,5 +80,5 @@ class PartialWriteError(ConnectorError):
         super().__init__(f"{len(self.failed)} message(s) failed ({', '.join(kinds)})")
 
 
-class EndOfInput(ConnectorError):  # noqa: N818 - it is a signal, not a failure
+class EndOfInput(ConnectorError):
     """A finite source has nothing more to give; the pipeline drains and stops."""

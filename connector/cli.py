@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from ._errors import ConfigError, ConnectorError, PluginLoadError
+from ._errors import ConfigError, PluginLoadError
 from .config.loader import LoadedFile, load_file
 from .engine.supervisor import Supervisor
 from .ops import logs

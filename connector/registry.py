@@ -12,7 +12,7 @@ from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Literal
+from typing import Any, Literal
 
 from stevedore import DriverManager
 
@@ -114,7 +114,7 @@ class Registry:
             failures.append(exc)
 
         try:
-            manager = DriverManager(
+            manager: DriverManager[Any] = DriverManager(
                 NAMESPACES[kind], name, invoke_on_load=False,
                 on_load_failure_callback=on_failure,
             )

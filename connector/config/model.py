@@ -56,12 +56,12 @@ class PipelineSpec(_Strict):
     transforms: list[PluginSpec] = Field(default_factory=list)
     sink: PluginSpec
     dead_letter: PluginSpec | None = None
-    batch: BatchPolicy = Field(default_factory=BatchPolicy)  # type: ignore[arg-type]
+    batch: BatchPolicy = Field(default_factory=BatchPolicy)
     max_in_flight: int = Field(4, ge=1, le=1024, description="concurrent sink writes")
     max_in_flight_bytes: ByteSize = Field(
         64 * 1024 * 1024, description="bytes read but not yet acknowledged, at most"
     )
-    retry: RetryPolicy = Field(default_factory=RetryPolicy)  # type: ignore[arg-type]
+    retry: RetryPolicy = Field(default_factory=RetryPolicy)
     in_progress_interval: Duration = Field(
         5.0, description="how often a long write extends the source's ack deadline"
     )
@@ -74,7 +74,7 @@ class HttpSettings(_Strict):
     @field_validator("address")
     @classmethod
     def _host_port(cls, value: str) -> str:
-        host, sep, port = value.rpartition(":")
+        _host, sep, port = value.rpartition(":")
         if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
             raise ValueError(f"expected host:port such as 0.0.0.0:8080, found {value!r}")
         return value
@@ -89,10 +89,12 @@ class FileSpec(_Strict):
     """A pipeline file: one or more pipelines and the process settings."""
 
     pipelines: list[PipelineSpec] = Field(min_length=1)
-    http: HttpSettings = Field(default_factory=HttpSettings)  # type: ignore[arg-type]
-    log: LogSettings = Field(default_factory=LogSettings)  # type: ignore[arg-type]
+    http: HttpSettings = Field(default_factory=HttpSettings)
+    log: LogSettings = Field(default_factory=LogSettings)
     shutdown_timeout: Duration = Field(30.0, description="longest a graceful stop may take")
-    restart_backoff: Duration = Field(1.0, description="first wait before a failed pipeline restarts")
+    restart_backoff: Duration = Field(
+        1.0, description="first wait before a failed pipeline restarts"
+    )
     restart_backoff_max: Duration = 60.0
 
     @model_validator(mode="after")

@@ -14,6 +14,7 @@ import enum
 import logging
 import time
 from collections.abc import Awaitable, Sequence
+from typing import Any
 
 from .._batch import Batch
 from .._context import PluginContext
@@ -49,7 +50,7 @@ class _Stopped(Exception):
     """A write was abandoned because the shutdown deadline passed."""
 
 
-def _instantiate(plugin: ResolvedPlugin, pipeline: str, role: str, instance: str) -> object:
+def _instantiate(plugin: ResolvedPlugin, pipeline: str, role: str, instance: str) -> Any:
     logger = logging.getLogger(f"natsconn.pipeline.{pipeline}.{role}")
     context = PluginContext(pipeline, role, instance, logger, PluginMeters(pipeline, role, logger))
     return plugin.cls(plugin.config, context)
@@ -77,14 +78,13 @@ class Pipeline:
         self._live: set[Tracker] = set()
         self._stopping = asyncio.Event()
         self._deadline: float | None = None
-        self.source: Source = _instantiate(config.source, self.name, "source", instance)  # type: ignore[assignment]
-        self.transforms: list[Transform] = [  # type: ignore[type-arg]
-            _instantiate(t, self.name, "transform", instance)  # type: ignore[misc]
-            for t in config.transforms
+        self.source: Source[Any] = _instantiate(config.source, self.name, "source", instance)
+        self.transforms: list[Transform[Any]] = [
+            _instantiate(t, self.name, "transform", instance) for t in config.transforms
         ]
-        self.sink: Sink = _instantiate(config.sink, self.name, "sink", instance)  # type: ignore[assignment]
-        self.dead_letter: Sink | None = (  # type: ignore[type-arg]
-            _instantiate(config.dead_letter, self.name, "dead_letter", instance)  # type: ignore[assignment]
+        self.sink: Sink[Any] = _instantiate(config.sink, self.name, "sink", instance)
+        self.dead_letter: Sink[Any] | None = (
+            _instantiate(config.dead_letter, self.name, "dead_letter", instance)
             if config.dead_letter is not None
             else None
         )
@@ -128,7 +128,7 @@ class Pipeline:
             await self._close()
 
     async def _connect(self) -> None:
-        plugins: list[tuple[str, Source | Sink]] = [("sink", self.sink)]  # type: ignore[type-arg]
+        plugins: list[tuple[str, Source[Any] | Sink[Any]]] = [("sink", self.sink)]
         if self.dead_letter is not None:
             plugins.append(("dead_letter", self.dead_letter))
         plugins.append(("source", self.source))  # last: nothing is read before sinks are up
@@ -373,7 +373,7 @@ class Pipeline:
             await self._unwritten(batch, range(len(batch)))
             raise
 
-    async def _dead_letter(self, batch: SinkBatch, failed: list[tuple[int, Exception]],
+    async def _dead_letter(self, batch: SinkBatch, failed: Sequence[tuple[int, Exception]],
                            attempts: int, kind: str) -> None:
         if self.dead_letter is None:
             for i, error in failed:

@@ -7,6 +7,7 @@ graceful stop with its deadline, and the summary printed at exit.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -105,8 +106,6 @@ class Supervisor:
             wait = backoff.next()
             log.warning("pipeline %r restarts in %.1fs (restart %d)", name, wait, rec.restarts,
                         extra={"pipeline": name})
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), wait)
-            except TimeoutError:
-                pass
         rec.ended = time.monotonic()

@@ -11,8 +11,15 @@ from .._batch import AckHandle
 
 
 class Tracker:
-    __slots__ = ("ack", "failed_delay", "failed", "nbytes", "read_count", "remaining",
-                 "term_reason")
+    __slots__ = (
+        "ack",
+        "failed",
+        "failed_delay",
+        "nbytes",
+        "read_count",
+        "remaining",
+        "term_reason",
+    )
 
     def __init__(self, ack: AckHandle, read_count: int, nbytes: int) -> None:
         self.ack = ack

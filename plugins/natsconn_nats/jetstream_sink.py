@@ -10,6 +10,7 @@ would otherwise add (within the stream's duplicate window).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 from collections.abc import Sequence
@@ -138,7 +139,7 @@ class JetStreamSink(Sink[JetStreamSinkConfig]):
                 except (RejectedError, BadSubjectError) as exc:
                     if isinstance(exc, BadSubjectError):
                         exc = RejectedError(f"invalid NATS subject for message {i}")
-                    state.errors[i] = exc  # type: ignore[assignment]
+                    state.errors[i] = exc
                     state.seen[i] = 1
                     state.remaining -= 1
             if state.remaining > 0:
@@ -165,10 +166,8 @@ class JetStreamSink(Sink[JetStreamSinkConfig]):
     async def close(self) -> None:
         nc = getattr(self, "_nc", None)
         if nc is not None:
-            try:
+            with contextlib.suppress(Exception):
                 await nc.flush(timeout=5)
-            except Exception:
-                pass
             await nc.close()
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from enum import Enum
+from enum import StrEnum
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -28,7 +28,7 @@ _STATUS = "Status"
 _PENDING = "Nats-Pending-Messages"
 
 
-class DeliverPolicy(str, Enum):
+class DeliverPolicy(StrEnum):
     all = "all"
     new = "new"
     last = "last"

@@ -7,6 +7,8 @@ the overflow is counted in ``natsconn_dropped_total`` and logged.
 
 from __future__ import annotations
 
+import contextlib
+
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -60,10 +62,8 @@ class NatsSource(Source[NatsSourceConfig]):
         if nc is None:
             return
         for sub in self._subs:
-            try:
+            with contextlib.suppress(Exception):
                 await sub.unsubscribe()
-            except Exception:
-                pass
         left = len(self._buffer)
         if left:
             self.context.meters.dropped(left, "received but unread at close (core NATS)")
