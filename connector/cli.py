@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from ._errors import ConfigError, PluginLoadError
+from ._units import parse_duration
 from .config.loader import LoadedFile, load_file
 from .engine.supervisor import Supervisor
 from .ops import logs
@@ -64,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
                      "'off' disables it")
     run.add_argument("--progress", action="store_true",
                      help="print a progress line every second and a summary at the end")
+    run.add_argument("--until-idle", metavar="DURATION", type=_duration_arg,
+                     help="stop gracefully once no pipeline has read anything for this long "
+                     "and nothing is in flight (backfills, one-off runs), e.g. 3s")
 
     val = sub.add_parser("validate", help="check a pipeline file without connecting",
                          epilog=VALIDATE_EXAMPLE,
@@ -90,6 +94,13 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("name")
     show.add_argument("--kind", choices=["source", "sink", "transform"])
     return top
+
+
+def _duration_arg(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,10 +199,11 @@ def _run(args: argparse.Namespace) -> int:
         uvloop.install()
     except ImportError:
         pass
-    return asyncio.run(_serve(loaded, args.http_address, args.progress))
+    return asyncio.run(_serve(loaded, args.http_address, args.progress, args.until_idle))
 
 
-async def _serve(loaded: LoadedFile, http_address: str | None, progress: bool) -> int:
+async def _serve(loaded: LoadedFile, http_address: str | None, progress: bool,
+                 until_idle: float | None = None) -> int:
     instance = os.environ.get("NATSCONN_INSTANCE") or os.environ.get("POD_NAME") or (
         socket.gethostname()
     )
@@ -228,9 +240,19 @@ async def _serve(loaded: LoadedFile, http_address: str | None, progress: bool) -
     started = time.monotonic()
     reporter = asyncio.create_task(_report(supervisor)) if progress else None
     run = asyncio.create_task(supervisor.run())
+    idle_since, last_read = time.monotonic(), -1.0
     try:
         while not run.done():
             await asyncio.wait({run}, timeout=0.5)
+            if until_idle is not None and supervisor.deadline is None:
+                counts = _counts(supervisor)
+                read = sum(c["in"] for c in counts.values())
+                busy = any(c["in_flight"] for c in counts.values())
+                if read != last_read or busy:
+                    idle_since, last_read = time.monotonic(), read
+                elif time.monotonic() - idle_since >= until_idle:
+                    log.info("idle for %.1fs: stopping", until_idle)
+                    supervisor.stop()
             if supervisor.deadline is not None and not run.done():
                 # Pipelines observe the deadline themselves; this is the backstop for a
                 # plugin stuck in connect or close.
