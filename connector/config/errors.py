@@ -12,6 +12,8 @@ from pydantic import BaseModel, ValidationError
 from .._errors import ConfigError
 from .yaml_tree import Path, format_path
 
+_SECRET_WORDS = ("password", "token", "secret", "seed", "credential", "passphrase")
+
 
 def _describe(value: Any) -> str:
     text = repr(value)
@@ -73,6 +75,7 @@ def from_validation_error(
     path: Path = (*prefix, *loc)
     kind = err["type"]
     found = err.get("input")
+    secret = any(isinstance(p, str) and any(w in p.lower() for w in _SECRET_WORDS) for p in loc)
     suffix = f" ({what})" if what else ""
     if kind == "missing":
         message = f"required field {loc[-1]!r} is missing{suffix}"
@@ -87,7 +90,8 @@ def from_validation_error(
             msg = msg[len("Value error, "):]
         elif msg.startswith("Input should be"):
             msg = "expected " + msg[len("Input should be "):]
-        message = f"{msg}, found {_describe(found)}{suffix}" if "found" not in msg else (
-            msg + suffix
-        )
+        shown = "a value (hidden: the field holds a secret)" if secret else _describe(found)
+        if secret and "found" in msg:
+            msg = msg.split(", found")[0]
+        message = f"{msg}, found {shown}{suffix}" if "found" not in msg else msg + suffix
     return ConfigError(message, file=file, line=_nearest_line(lines, path), path=format_path(path))

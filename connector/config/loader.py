@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path as FsPath
@@ -130,9 +131,15 @@ def _resolve(
     return ResolvedPlugin(kind, spec.type, cls, config)
 
 
+_URL_PASSWORD = re.compile(r"://[^/@:\s]*:([^/@\s]+)@")
+
+
 def _collect_secrets(value: Any, out: set[str]) -> None:
-    """Every SecretStr/SecretBytes value below a config, for log redaction."""
-    if isinstance(value, SecretStr):
+    """Every SecretStr/SecretBytes value below a config, and every password
+    written inside a URL (``redis://user:pw@host``), for log redaction."""
+    if isinstance(value, str):
+        out.update(m.group(1) for m in _URL_PASSWORD.finditer(value))
+    elif isinstance(value, SecretStr):
         if value.get_secret_value():
             out.add(value.get_secret_value())
     elif isinstance(value, SecretBytes):
