@@ -130,7 +130,7 @@ def _validate(files: list[str]) -> int:
         try:
             loaded = load_file(name, registry)
         except ConfigError as exc:
-            print(f"error: {exc.render()}", file=sys.stderr)
+            print(f"error: {logs.REDACTOR(exc.render())}", file=sys.stderr)
             status = EXIT_CONFIG
             continue
         names = ", ".join(p.spec.name for p in loaded.pipelines)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 from collections.abc import Iterable
 
 REDACTED = "***"
+_URL_PASSWORD = re.compile(r"://([^/@:\s]*):[^/@\s]+@")
 
 
 class Redactor:
@@ -26,6 +28,8 @@ class Redactor:
         for secret in self._secrets:
             if secret in text:
                 text = text.replace(secret, REDACTED)
+        if "@" in text:  # a password inside any URL, known or not
+            text = _URL_PASSWORD.sub(rf"://\1:{REDACTED}@", text)
         return text
 
 
