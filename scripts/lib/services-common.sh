@@ -90,11 +90,18 @@ tcp_open() {
   timeout 2 bash -c "exec 3<>/dev/tcp/$host/$port" 2>/dev/null
 }
 
+# pid_alive PID: process exists and is not a zombie (PID 1 here may reap late).
+pid_alive() {
+  local state
+  [[ $1 =~ ^[0-9]+$ ]] || return 1
+  state=$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null) || return 1
+  [[ -n $state && $state != Z && $state != X ]]
+}
+
 # pid_matches PID PATTERN: process alive and its command line contains PATTERN.
 pid_matches() {
   local pid=$1 pat=$2 cmdline
-  [[ $pid =~ ^[0-9]+$ ]] || return 1
-  [[ -r /proc/$pid/cmdline ]] || return 1
+  pid_alive "$pid" || return 1
   cmdline=$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null) || return 1
   [[ $cmdline == *"$pat"* ]]
 }
@@ -116,10 +123,10 @@ rotate_log() {
 
 # log_tail FILE [N]: indented tail for error reports.
 log_tail() {
-  local file=$1 n=${2:-30}
+  local file=$1 n=${2:-25}
   if [[ -s $file ]]; then
     printf '[services] --- last %d lines of %s ---\n' "$n" "$file" >&2
-    tail -n "$n" "$file" | sed 's/^/    /' >&2
+    tail -n "$n" "$file" | cut -c1-400 | sed 's/^/    /' >&2
   else
     printf '[services] (log %s is empty or missing)\n' "$file" >&2
   fi
@@ -132,7 +139,7 @@ wait_for() {
   local deadline=$(( $(now_ms) + timeout * 1000 ))
   while :; do
     if "$@" >/dev/null 2>&1; then return 0; fi
-    if [[ -n $pid ]] && ! kill -0 "$pid" 2>/dev/null; then
+    if [[ -n $pid ]] && ! pid_alive "$pid"; then
       printf '[services] ERROR: %s: process %s exited during startup\n' "$what" "$pid" >&2
       log_tail "$log"
       return 1
@@ -150,9 +157,9 @@ wait_for() {
 stop_pid() {
   local pid=$1 timeout=$2 name=$3 i
   kill -TERM "$pid" 2>/dev/null || return 0
-  for (( i = 0; i < timeout * 5; i++ )); do
-    kill -0 "$pid" 2>/dev/null || return 0
-    sleep 0.2
+  for (( i = 0; i < timeout * 10; i++ )); do
+    pid_alive "$pid" || return 0
+    sleep 0.1
   done
   warn "$name (pid $pid) did not stop within ${timeout}s; sending SIGKILL"
   kill -KILL "$pid" 2>/dev/null || true

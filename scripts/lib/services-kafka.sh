@@ -20,14 +20,14 @@ KAFKA_CLUSTER_ID_FILE="$KAFKA_DIR/cluster.id"
 KAFKA_SASL_USER=natsconn
 KAFKA_SASL_PASSWORD=natsconn-secret
 
-_java() { "${JAVA:-java}" "$@"; }
+_java() { "${NATSCONN_JAVA:-java}" "$@"; }
 
 kafka_installed() { [[ -f $KAFKA_LIBS/.complete ]]; }
 
 kafka_install() {
   kafka_installed && return 0
   local log="$SVC_LOG_DIR/install-kafka.log" t tmp
-  if ! command -v "${JAVA:-java}" >/dev/null 2>&1 || ! command -v mvn >/dev/null 2>&1; then
+  if ! command -v "${NATSCONN_JAVA:-java}" >/dev/null 2>&1 || ! command -v mvn >/dev/null 2>&1; then
     say "kafka: installing Java 17 / Maven from apt"
     apt_install kafka openjdk-17-jre-headless maven
   fi
@@ -145,7 +145,7 @@ kafka_launch() {
   rotate_log "$KAFKA_OUT"
   rm -f "$KAFKA_PID"
   # shellcheck disable=SC2086  # NATSCONN_KAFKA_JVM_OPTS is a word list on purpose
-  spawn_detached "$KAFKA_OUT" "${JAVA:-java}" \
+  spawn_detached "$KAFKA_OUT" "${NATSCONN_JAVA:-java}" \
     ${NATSCONN_KAFKA_JVM_OPTS:--Xms256m -Xmx1g} \
     -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -XX:+ExplicitGCInvokesConcurrent \
     -Djava.awt.headless=true \
@@ -158,7 +158,7 @@ kafka_launch() {
 kafka_wait() {
   local pid
   if ! pid=$(kafka_pid); then
-    log_tail "$KAFKA_OUT" 15
+    if [[ -s $KAFKA_OUT ]]; then log_tail "$KAFKA_OUT" 15; fi
     log_tail "$KAFKA_LOG"
     die "kafka: process is not running (log: $KAFKA_LOG)"
   fi
@@ -170,7 +170,7 @@ kafka_wait() {
     return 1
   fi
   if ! wait_for "${NATSCONN_KAFKA_START_TIMEOUT:-90}" "$pid" "$KAFKA_LOG" kafka kafka_ready; then
-    log_tail "$KAFKA_OUT" 15
+    if [[ -s $KAFKA_OUT ]]; then log_tail "$KAFKA_OUT" 15; fi
     stop_pid "$pid" 15 kafka
     die "kafka: failed to start (log: $KAFKA_LOG)"
   fi

@@ -18,7 +18,7 @@ redis_install() {
   if [[ -x /etc/init.d/redis-server ]] && pgrep -x redis-server >/dev/null 2>&1; then
     as_root /etc/init.d/redis-server stop >>"$SVC_LOG_DIR/install-redis.log" 2>&1 || true
   fi
-  say "redis: installed $(redis-server --version | awk '{print $3}') from apt in $(elapsed "$t")"
+  say "redis: installed $(redis-server --version | awk '{print $3}' | sed 's/^v=//') from apt in $(elapsed "$t")"
 }
 
 redis_pid() { pidfile_pid "$REDIS_PID" redis-server; }
@@ -89,11 +89,11 @@ redis_stop() {
   t=$(now_ms)
   # SHUTDOWN flushes the AOF (and writes the RDB) before exiting.
   redis-cli -h "$SVC_HOST" -p "$REDIS_PORT" shutdown >/dev/null 2>&1 || true
-  for (( i = 0; i < 100; i++ )); do
-    kill -0 "$pid" 2>/dev/null || break
-    sleep 0.2
+  for (( i = 0; i < 200; i++ )); do
+    pid_alive "$pid" || break
+    sleep 0.1
   done
-  if kill -0 "$pid" 2>/dev/null; then stop_pid "$pid" 10 redis; fi
+  if pid_alive "$pid"; then stop_pid "$pid" 10 redis; fi
   rm -f "$REDIS_PID"
   say "redis: stopped in $(elapsed "$t")"
 }
