@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 from .._message import Message
 from .tracker import Tracker
@@ -15,18 +16,42 @@ class SinkBatch:
     that tracker, so a failed index maps back to its source batch.
     """
 
-    __slots__ = ("messages", "nbytes", "spans")
+    __slots__ = ("messages", "nbytes", "resolved", "spans", "unresolved")
 
     def __init__(self) -> None:
         self.messages: list[Message] = []
         self.spans: list[tuple[Tracker, int, int]] = []
         self.nbytes = 0
+        # Per index: 1 once written, dead-lettered or given up, so that no message
+        # is resolved twice whatever path (retry, dead letter, shutdown) gets there.
+        self.resolved: bytearray | None = None
+        self.unresolved = 0
 
     def add(self, messages: list[Message], tracker: Tracker, nbytes: int) -> None:
         start = len(self.messages)
         self.messages.extend(messages)
         self.spans.append((tracker, start, len(self.messages)))
         self.nbytes += nbytes
+        self.unresolved += len(messages)
+
+    def claim(self, indices: Sequence[int] | range) -> list[int]:
+        """Mark ``indices`` resolved; return those that were not already."""
+        flags = self.resolved
+        if flags is None:
+            flags = self.resolved = bytearray(len(self.messages))
+        fresh = [i for i in indices if not flags[i]]
+        for i in fresh:
+            flags[i] = 1
+        self.unresolved -= len(fresh)
+        return fresh
+
+    def claim_all(self) -> bool:
+        """Mark every index resolved if none was yet; False if some already were."""
+        if self.resolved is not None or self.unresolved != len(self.messages):
+            return False
+        self.resolved = bytearray(b"\x01" * len(self.messages))
+        self.unresolved = 0
+        return True
 
     def owner(self, index: int) -> Tracker:
         for tracker, start, end in self.spans:

@@ -304,8 +304,7 @@ class Pipeline:
                 await self._sleep_or_deadline(wait)
         except (_Stopped, asyncio.CancelledError):
             # Shutdown deadline: whatever is unwritten comes again from the source.
-            index = range(len(batch)) if pending is None else pending
-            await self._unwritten(batch, index)
+            await self._unwritten(batch)
             raise
 
     async def _sink_write(self, messages: Sequence[Message]) -> None:
@@ -321,29 +320,33 @@ class Pipeline:
             raise _Stopped from None
 
     async def _written(self, batch: SinkBatch, indices: Sequence[int] | range) -> None:
-        n = len(indices)
-        if n == 0:
-            return
-        self.metrics.messages_out.inc(n)
-        if isinstance(indices, range) and len(indices) == len(batch):
+        if len(indices) == len(batch) and batch.claim_all():  # the common case
+            self.metrics.messages_out.inc(len(batch))
             self.metrics.bytes_out.inc(batch.nbytes)
             for tracker, start, end in batch.spans:
                 if tracker.done(end - start):
                     await self._settle(tracker)
             return
-        self.metrics.bytes_out.inc(sum(len(batch.messages[i].data) for i in indices))
-        await self._resolve_each(batch, indices)
+        fresh = batch.claim(indices)
+        if not fresh:
+            return
+        self.metrics.messages_out.inc(len(fresh))
+        self.metrics.bytes_out.inc(sum(len(batch.messages[i].data) for i in fresh))
+        await self._resolve(batch, fresh)
 
-    async def _resolve_each(self, batch: SinkBatch, indices: Sequence[int] | range) -> None:
-        for i in indices:
+    async def _resolve(self, batch: SinkBatch, claimed: Sequence[int]) -> None:
+        """Count claimed indices against their source batches; settle finished ones."""
+        for i in claimed:
             tracker = batch.owner(i)
             if tracker.done(1):
                 await self._settle(tracker)
 
-    async def _unwritten(self, batch: SinkBatch, indices: Sequence[int] | range) -> None:
-        for i in indices:
+    async def _unwritten(self, batch: SinkBatch) -> None:
+        """Give up on every message of ``batch`` not resolved yet: the source redelivers."""
+        fresh = batch.claim(range(len(batch)))
+        for i in fresh:
             batch.owner(i).fail(None)
-        await self._resolve_each(batch, indices)
+        await self._resolve(batch, fresh)
 
     async def _settle(self, tracker: Tracker) -> None:
         self._live.discard(tracker)
@@ -370,7 +373,7 @@ class Pipeline:
         try:
             await self._dead_letter(batch, errors, 0, "rejected")
         except (_Stopped, asyncio.CancelledError):
-            await self._unwritten(batch, range(len(batch)))
+            await self._unwritten(batch)
             raise
 
     async def _dead_letter(self, batch: SinkBatch, failed: Sequence[tuple[int, Exception]],
@@ -386,7 +389,7 @@ class Pipeline:
                 )
                 batch.owner(i).terminate(f"{kind}: {error}")
             self.metrics.rejected_unrouted.inc(len(failed))
-            await self._resolve_each(batch, [i for i, _ in failed])
+            await self._resolve(batch, batch.claim([i for i, _ in failed]))
             return
         letters = []
         for i, error in failed:
@@ -421,7 +424,7 @@ class Pipeline:
         self.metrics.dead_lettered.inc(len(letters))
         self.log.warning("%d message(s) dead-lettered (%s): %s", len(letters), kind,
                          failed[0][1], extra={"pipeline": self.name})
-        await self._resolve_each(batch, [i for i, _ in failed])
+        await self._resolve(batch, batch.claim([i for i, _ in failed]))
 
     # ---------------------------------------------------------- drain & abort
 
@@ -436,7 +439,7 @@ class Pipeline:
             try:
                 await asyncio.wait_for(self._slots.acquire(), left)
             except TimeoutError:
-                await self._unwritten(batch, range(len(batch)))
+                await self._unwritten(batch)
                 continue
             self._spawn(self._write(batch), holds_slot=True)
         if not self._writes:
@@ -449,6 +452,9 @@ class Pipeline:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        for tracker in list(self._live):  # none expected; never leave one unsettled
+            tracker.fail(None)
+            await self._settle(tracker)
 
     async def _abandon(self) -> None:
         """After a failure: cancel writes; unwritten messages are nacked."""
@@ -456,13 +462,17 @@ class Pipeline:
         if partial is not None:
             self._leftover.append(partial)
         for batch in self._leftover:
-            await self._unwritten(batch, range(len(batch)))
+            await self._unwritten(batch)
         self._leftover.clear()
         tasks = set(self._writes)
         for task in tasks:
             task.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+        # Source batches that never reached a write (a transform raised): redeliver.
+        for tracker in list(self._live):
+            tracker.fail(None)
+            await self._settle(tracker)
 
     async def _progress_ticker(self) -> None:
         """Extend the source's ack deadline for every unsettled batch (JetStream)."""
