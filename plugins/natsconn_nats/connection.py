@@ -88,15 +88,19 @@ async def open_connection(
         if reconnected is not None:
             await reconnected()
 
+    def secret(value: SecretStr | None) -> str | None:
+        """An empty value (``${VAR:-}``) means unset."""
+        return value.get_secret_value() or None if value is not None else None
+
     kwargs: dict[str, object] = {}
     if config.user:
         kwargs["user"] = config.user
-    if config.password is not None:
-        kwargs["password"] = config.password.get_secret_value()
-    if config.token is not None:
-        kwargs["token"] = config.token.get_secret_value()
-    if config.nkey_seed is not None:
-        kwargs["nkeys_seed_str"] = config.nkey_seed.get_secret_value()
+    if password := secret(config.password):
+        kwargs["password"] = password
+    if token := secret(config.token):
+        kwargs["token"] = token
+    if seed := secret(config.nkey_seed):
+        kwargs["nkeys_seed_str"] = seed
     if config.creds_file:
         kwargs["user_credentials"] = config.creds_file
     if config.tls is not None:
