@@ -111,13 +111,15 @@ class Pipeline:
             self.state = PipelineState.RUNNING
             self.metrics.up.set(1)
             self.log.info("pipeline running", extra={"pipeline": self.name})
+            # The ticker runs through the drain too: a long write finishing after a
+            # stop must still extend the source's ack deadline.
             ticker = asyncio.create_task(self._progress_ticker())
             try:
                 ended = await self._pump()
+                self.state = PipelineState.DRAINING
+                await self._drain()
             finally:
                 ticker.cancel()
-            self.state = PipelineState.DRAINING
-            await self._drain()
             self.state = PipelineState.FINISHED if ended else PipelineState.STOPPED
         except BaseException:
             self.state = PipelineState.FAILED
@@ -156,6 +158,13 @@ class Pipeline:
         read_backoff = Backoff(self._retry.initial_backoff, self._retry.max_backoff)
         while not stopping.is_set():
             if window.room() == 0:
+                # Nothing more can join a partial batch until room frees, and room
+                # may only free by writing it (a filtering transform, or a byte
+                # window smaller than a batch): write it now rather than deadlock.
+                partial = batcher.flush()
+                if partial is not None:
+                    await self._dispatch(partial)
+                    continue
                 if not await self._wait_or_stop(window.wait_room()):
                     break
                 continue

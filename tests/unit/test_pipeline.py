@@ -1,0 +1,503 @@
+"""The engine's pipeline, in-process with fake plugins: batching, concurrency,
+backpressure, acks, retries, dead letters, drain and stop."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from typing import cast
+
+import pytest
+
+from connector import Message, PartialWriteError, RejectedError, RetryableError
+from connector.engine import Pipeline, PipelineState
+from connector.ops.metrics import REGISTRY as METRICS
+
+from ._fakes import FakeSink, FakeSource, make_pipeline, msg, until
+
+
+def parts(pipe: Pipeline) -> tuple[FakeSource, FakeSink]:
+    return cast(FakeSource, pipe.source), cast(FakeSink, pipe.sink)
+
+
+def dlq(pipe: Pipeline) -> FakeSink:
+    assert pipe.dead_letter is not None
+    return cast(FakeSink, pipe.dead_letter)
+
+
+def sample(name: str, pipe: Pipeline, **labels: str) -> float:
+    return METRICS.get_sample_value(name, {"pipeline": pipe.name, **labels}) or 0.0
+
+
+async def finish(pipe: Pipeline, task: asyncio.Task[None] | None = None,
+                 timeout: float = 5.0) -> None:
+    """End the fake source's input and wait for the pipeline to drain and finish."""
+    source, _ = parts(pipe)
+    source.end()
+    await asyncio.wait_for(task if task is not None else pipe.run(), timeout)
+    assert pipe.state is PipelineState.FINISHED
+
+
+# ------------------------------------------------------------- batching
+
+
+async def test_rebatches_to_max_messages_and_flushes_the_rest_at_end() -> None:
+    pipe = make_pipeline(batch={"max_messages": 10, "max_wait": "1s"})
+    source, sink = parts(pipe)
+    for b in range(5):
+        source.feed([msg(b * 5 + i) for i in range(5)])
+    await finish(pipe)
+    assert [len(a) for a in sink.attempts] == [10, 10, 5]
+    assert [m.id for m in sink.written] == [f"id-{i}" for i in range(25)]
+    assert all(a.settlements == [("ack", None)] for a in source.acks)
+    assert source.closed and sink.closed
+
+
+async def test_partial_batch_is_written_after_max_wait_while_source_is_idle() -> None:
+    pipe = make_pipeline(batch={"max_messages": 100, "max_wait": "30ms"})
+    source, sink = parts(pipe)
+    task = asyncio.create_task(pipe.run())
+    fed = time.monotonic()
+    ack = source.feed([msg(i) for i in range(3)])
+    await until(lambda: len(sink.attempts) == 1, timeout=2)
+    waited = time.monotonic() - fed
+    assert waited >= 0.03, "a partial batch must linger for max_wait before it is written"
+    assert not task.done(), "the flush came from the linger timer, not from the end of input"
+    await until(lambda: ack.settlements == [("ack", None)])
+    await finish(pipe, task)
+    assert [len(a) for a in sink.attempts] == [3]
+
+
+async def test_max_bytes_splits_batches_and_an_oversized_message_goes_alone() -> None:
+    pipe = make_pipeline(batch={"max_messages": 100, "max_bytes": 250, "max_wait": "1s"})
+    source, sink = parts(pipe)
+    source.feed([msg(i, size=100) for i in range(5)] + [msg(5, size=300), msg(6, size=100)])
+    await finish(pipe)
+    assert [[m.id for m in a] for a in sink.attempts] == [
+        ["id-0", "id-1"], ["id-2", "id-3"], ["id-4"], ["id-5"], ["id-6"],
+    ]
+    assert all(sum(len(m.data) for m in a) <= 250 for a in sink.attempts if len(a) > 1)
+
+
+# ------------------------------------------------------ concurrency, backpressure
+
+
+async def test_max_in_flight_bounds_concurrent_writes() -> None:
+    pipe = make_pipeline(batch={"max_messages": 5, "max_wait": "1ms"}, max_in_flight=3)
+    source, sink = parts(pipe)
+
+    async def slow(messages: Sequence[Message], attempt: int) -> None:
+        await asyncio.sleep(0.005)
+
+    sink.behaviour = slow
+    for b in range(20):
+        source.feed([msg(b * 5 + i) for i in range(5)])
+    await finish(pipe)
+    assert len(sink.written) == 100
+    assert sink.max_active == 3
+
+
+async def test_blocked_sink_stops_reads_and_bounds_in_flight() -> None:
+    pipe = make_pipeline(source={"type": "fake", "per_read": 10},
+                         batch={"max_messages": 10, "max_wait": "1ms"}, max_in_flight=2)
+    source, sink = parts(pipe)
+    gate = asyncio.Event()
+
+    async def blocked(messages: Sequence[Message], attempt: int) -> None:
+        await gate.wait()
+
+    sink.behaviour = blocked
+    task = asyncio.create_task(pipe.run())
+    await until(lambda: sink.active == 2)
+    await asyncio.sleep(0.05)  # give the reader every chance to read more than it may
+    window = 10 * (2 + 1)
+    assert source.read_messages <= window
+    reads = source.reads
+    assert pipe.in_flight <= window
+    assert sample("natsconn_in_flight_messages", pipe) <= window
+    await asyncio.sleep(0.02)
+    assert source.reads == reads, "the source was read while the window was full"
+    assert not any(a.settlements for a in source.acks), "nothing may be acked before a write"
+    gate.set()
+    await until(lambda: len(sink.written) >= 100)
+    pipe.stop(time.monotonic() + 2)
+    await asyncio.wait_for(task, 3)
+    assert pipe.state is PipelineState.STOPPED
+    # Everything read was written and acked exactly once, nothing nacked.
+    assert len(sink.written) == source.read_messages
+    assert all(a.settlements == [("ack", None)] for a in source.acks)
+    assert pipe.in_flight == 0
+
+
+async def test_ack_comes_only_after_the_write_returned() -> None:
+    pipe = make_pipeline(batch={"max_messages": 4, "max_wait": "1ms"})
+    source, sink = parts(pipe)
+    gate = asyncio.Event()
+    order: list[str] = []
+
+    async def gated(messages: Sequence[Message], attempt: int) -> None:
+        await gate.wait()
+        order.append("written " + ",".join(m.id or "" for m in messages))
+
+    sink.behaviour = gated
+    task = asyncio.create_task(pipe.run())
+    ack = source.feed([msg(i) for i in range(4)], "first")
+    await until(lambda: sink.active == 1)
+    await asyncio.sleep(0.01)
+    assert ack.calls == []
+    gate.set()
+    await until(lambda: ack.settlements != [])
+    assert ack.settlements == [("ack", None)]
+    assert order == ["written id-0,id-1,id-2,id-3"]
+    await finish(pipe, task)
+
+
+async def test_in_progress_is_signalled_during_a_long_write() -> None:
+    pipe = make_pipeline(batch={"max_messages": 2, "max_wait": "1ms"},
+                         in_progress_interval="5ms")
+    source, sink = parts(pipe)
+
+    async def slow(messages: Sequence[Message], attempt: int) -> None:
+        await asyncio.sleep(0.05)
+
+    sink.behaviour = slow
+    ack = source.feed([msg(0), msg(1)])
+    await finish(pipe)
+    kinds = [c[0] for c in ack.calls]
+    assert "in_progress" in kinds
+    assert kinds[-1] == "ack" and kinds.count("ack") == 1
+
+
+# ------------------------------------------------------------ retries
+
+
+async def test_retryable_error_is_retried_until_it_succeeds() -> None:
+    pipe = make_pipeline(batch={"max_messages": 10, "max_wait": "1ms"},
+                         dead_letter={"type": "fake"})
+    source, sink = parts(pipe)
+
+    async def flaky(messages: Sequence[Message], attempt: int) -> None:
+        if attempt <= 2:
+            raise RetryableError("leader moved", retry_after=0.001)
+
+    sink.behaviour = flaky
+    ack = source.feed([msg(i) for i in range(10)])
+    await finish(pipe)
+    assert len(sink.attempts) == 3
+    assert [m.id for m in sink.written] == [f"id-{i}" for i in range(10)]
+    assert ack.settlements == [("ack", None)]
+    assert dlq(pipe).attempts == []
+    assert sample("natsconn_retries_total", pipe) == 2
+
+
+async def test_an_unexpected_exception_is_treated_as_retryable() -> None:
+    pipe = make_pipeline(batch={"max_messages": 3, "max_wait": "1ms"})
+    source, sink = parts(pipe)
+
+    async def buggy(messages: Sequence[Message], attempt: int) -> None:
+        if attempt == 1:
+            raise ValueError("plugin bug")
+
+    sink.behaviour = buggy
+    ack = source.feed([msg(i) for i in range(3)])
+    await finish(pipe)
+    assert len(sink.attempts) == 2
+    assert ack.settlements == [("ack", None)]
+
+
+async def test_partial_write_rewrites_only_the_retryable_and_dead_letters_the_rejected(
+) -> None:
+    pipe = make_pipeline(batch={"max_messages": 5, "max_wait": "1ms"},
+                         dead_letter={"type": "fake"})
+    source, sink = parts(pipe)
+
+    async def partial(messages: Sequence[Message], attempt: int) -> None:
+        if attempt == 1:
+            raise PartialWriteError({1: RetryableError("busy"),
+                                     3: RejectedError("value too large")})
+
+    sink.behaviour = partial
+    ack = source.feed([msg(i) for i in range(5)])
+    await finish(pipe)
+    assert [[m.id for m in a] for a in sink.attempts] == [
+        ["id-0", "id-1", "id-2", "id-3", "id-4"], ["id-1"],
+    ]
+    letters = dlq(pipe).written
+    assert [m.id for m in letters] == ["id-3"]
+    h = letters[0].headers
+    assert h["Natsconn-Error"] == "value too large"
+    assert h["Natsconn-Error-Kind"] == "rejected"
+    assert h["Natsconn-Attempts"] == "1"
+    assert h["Natsconn-Pipeline"] == pipe.name
+    assert h["Natsconn-Original-Subject"] == "in.3"
+    assert h["Natsconn-Source-Id"] == "id-3"
+    assert letters[0].data == b"m3"
+    assert ack.settlements == [("ack", None)]
+    assert sample("natsconn_dead_lettered_total", pipe) == 1
+
+
+async def test_exhausted_attempts_dead_letter_with_kind_exhausted() -> None:
+    pipe = make_pipeline(batch={"max_messages": 2, "max_wait": "1ms"},
+                         retry={"max_attempts": 3, "initial_backoff": "1ms"},
+                         dead_letter={"type": "fake"})
+    source, sink = parts(pipe)
+
+    async def down(messages: Sequence[Message], attempt: int) -> None:
+        raise RetryableError("connection refused")
+
+    sink.behaviour = down
+    ack = source.feed([msg(0), msg(1)])
+    await finish(pipe)
+    assert len(sink.attempts) == 3
+    letters = dlq(pipe).written
+    assert [m.id for m in letters] == ["id-0", "id-1"]
+    assert {m.headers["Natsconn-Error-Kind"] for m in letters} == {"exhausted"}
+    assert {m.headers["Natsconn-Attempts"] for m in letters} == {"3"}
+    assert "connection refused" in letters[0].headers["Natsconn-Error"]
+    assert ack.settlements == [("ack", None)]
+
+
+async def test_rejected_without_dead_letter_terminates_the_source_batch() -> None:
+    pipe = make_pipeline(batch={"max_messages": 3, "max_wait": "1ms"})
+    source, sink = parts(pipe)
+
+    async def poison(messages: Sequence[Message], attempt: int) -> None:
+        raise PartialWriteError({2: RejectedError("invalid subject")})
+
+    sink.behaviour = poison
+    ack = source.feed([msg(i) for i in range(3)])
+    await finish(pipe)
+    assert len(sink.attempts) == 1
+    assert len(ack.settlements) == 1
+    kind, reason = ack.settlements[0]
+    assert kind == "term"
+    assert "invalid subject" in reason
+    assert sample("natsconn_rejected_without_dead_letter_total", pipe) == 1
+
+
+async def test_whole_batch_rejection_dead_letters_every_message() -> None:
+    pipe = make_pipeline(batch={"max_messages": 3, "max_wait": "1ms"},
+                         dead_letter={"type": "fake"})
+    source, sink = parts(pipe)
+
+    async def reject(messages: Sequence[Message], attempt: int) -> None:
+        raise RejectedError("schema mismatch")
+
+    sink.behaviour = reject
+    ack = source.feed([msg(i) for i in range(3)])
+    await finish(pipe)
+    assert len(sink.attempts) == 1
+    assert [m.id for m in dlq(pipe).written] == ["id-0", "id-1", "id-2"]
+    assert ack.settlements == [("ack", None)]
+
+
+async def test_failing_dead_letter_write_is_retried() -> None:
+    pipe = make_pipeline(batch={"max_messages": 1, "max_wait": "1ms"},
+                         dead_letter={"type": "fake"})
+    source, sink = parts(pipe)
+
+    async def reject(messages: Sequence[Message], attempt: int) -> None:
+        raise RejectedError("poison")
+
+    async def dlq_flaky(messages: Sequence[Message], attempt: int) -> None:
+        if attempt == 1:
+            raise RetryableError("dlq busy")
+
+    sink.behaviour = reject
+    dlq(pipe).behaviour = dlq_flaky
+    ack = source.feed([msg(0)])
+    await finish(pipe)
+    assert len(dlq(pipe).attempts) == 2
+    assert [m.id for m in dlq(pipe).written] == ["id-0"]
+    assert ack.settlements == [("ack", None)]
+
+
+# ------------------------------------------------------------ transforms
+
+
+async def test_transform_rejection_is_dead_lettered_while_the_rest_flows() -> None:
+    pipe = make_pipeline(transforms=[{"type": "reject_bad"}], dead_letter={"type": "fake"},
+                         batch={"max_messages": 10, "max_wait": "1ms"})
+    source, sink = parts(pipe)
+    batch = [msg(0), Message(b"bad-1", "in.1", id="id-1"), msg(2)]
+    ack = source.feed(batch)
+    await finish(pipe)
+    assert [m.id for m in sink.written] == ["id-0", "id-2"]
+    letters = dlq(pipe).written
+    assert [m.id for m in letters] == ["id-1"]
+    assert letters[0].headers["Natsconn-Error-Kind"] == "rejected"
+    assert letters[0].headers["Natsconn-Attempts"] == "0"
+    assert "bad payload" in letters[0].headers["Natsconn-Error"]
+    assert ack.settlements == [("ack", None)]
+
+
+async def test_split_message_acks_its_source_batch_once_after_both_parts_are_written(
+) -> None:
+    pipe = make_pipeline(transforms=[{"type": "split"}],
+                         batch={"max_messages": 1, "max_wait": "1ms"}, max_in_flight=2)
+    source, sink = parts(pipe)
+    first = asyncio.Event()
+
+    async def hold_second(messages: Sequence[Message], attempt: int) -> None:
+        if messages[0].id == "id-0-b":
+            await first.wait()
+
+    sink.behaviour = hold_second
+    task = asyncio.create_task(pipe.run())
+    ack = source.feed([msg(0)])
+    await until(lambda: [m.id for m in sink.written] == ["id-0-a"] and sink.active == 1)
+    await asyncio.sleep(0.01)
+    assert ack.calls == [], "acked before every part of the split message was written"
+    first.set()
+    await until(lambda: ack.settlements != [])
+    assert sorted(m.id or "" for m in sink.written) == ["id-0-a", "id-0-b"]
+    assert ack.settlements == [("ack", None)]
+    await finish(pipe, task)
+
+
+async def test_transform_dropping_everything_acks_the_batch() -> None:
+    pipe = make_pipeline(transforms=[{"type": "drop_odd"}])
+    source, sink = parts(pipe)
+    ack = source.feed([msg(1), msg(3)])
+    await finish(pipe)
+    assert sink.attempts == []
+    assert ack.settlements == [("ack", None)]
+
+
+async def test_a_heavy_filter_does_not_stall_the_pipeline() -> None:
+    """Regression: the window counts messages as read, the batcher as transformed.
+    With a filter the window filled up while the batcher held a partial batch
+    that nothing would ever flush."""
+    pipe = make_pipeline(source={"type": "fake", "per_read": 10},
+                         transforms=[{"type": "keep_one_in_ten"}],
+                         batch={"max_messages": 10, "max_wait": "1s"}, max_in_flight=1)
+    _, sink = parts(pipe)
+    task = asyncio.create_task(pipe.run())
+    await until(lambda: len(sink.written) >= 3, timeout=3)
+    pipe.stop(time.monotonic() + 1)
+    await asyncio.wait_for(task, 2)
+    assert {m.id for m in sink.written} >= {"id-0", "id-10", "id-20"}
+
+
+async def test_in_flight_bytes_below_batch_bytes_does_not_stall() -> None:
+    """Regression: with max_in_flight_bytes under batch.max_bytes the window filled
+    by bytes while the batcher waited for a full batch."""
+    pipe = make_pipeline(source={"type": "fake", "per_read": 4, "size": 100},
+                         batch={"max_messages": 1000, "max_bytes": "1MiB", "max_wait": "1s"},
+                         max_in_flight_bytes=1000)
+    _, sink = parts(pipe)
+    task = asyncio.create_task(pipe.run())
+    await until(lambda: len(sink.written) >= 20, timeout=3)
+    pipe.stop(time.monotonic() + 1)
+    await asyncio.wait_for(task, 2)
+    # A read may overshoot the byte window by one read (4 x 100 B), never more.
+    assert max(sum(len(m.data) for m in a) for a in sink.attempts) <= 1000 + 400
+
+
+# ---------------------------------------------------------- end and stop
+
+
+async def test_end_of_input_drains_writes_and_finishes() -> None:
+    pipe = make_pipeline(batch={"max_messages": 4, "max_wait": "10s"})
+    source, sink = parts(pipe)
+    acks = [source.feed([msg(b * 3 + i) for i in range(3)]) for b in range(3)]
+    await finish(pipe)
+    assert len(sink.written) == 9
+    assert [len(a) for a in sink.attempts] == [4, 4, 1]
+    assert all(a.settlements == [("ack", None)] for a in acks)
+    assert pipe.state is PipelineState.FINISHED
+    assert pipe.in_flight == 0
+
+
+async def test_stop_with_a_stalled_sink_nacks_within_the_deadline() -> None:
+    pipe = make_pipeline(batch={"max_messages": 2, "max_wait": "1ms"}, max_in_flight=1)
+    source, sink = parts(pipe)
+    never = asyncio.Event()
+
+    async def stalled(messages: Sequence[Message], attempt: int) -> None:
+        await never.wait()
+
+    sink.behaviour = stalled
+    task = asyncio.create_task(pipe.run())
+    acks = [source.feed([msg(2 * b), msg(2 * b + 1)]) for b in range(3)]
+    await until(lambda: sink.active == 1 and source.read_messages >= 4)
+    started = time.monotonic()
+    pipe.stop(started + 0.1)
+    await asyncio.wait_for(task, 2)
+    elapsed = time.monotonic() - started
+    assert elapsed < 0.1 + 0.5, f"stop took {elapsed:.3f}s with a 0.1s deadline"
+    assert pipe.state is PipelineState.STOPPED
+    assert sink.written == []
+    read = [a for a in acks if a.calls]
+    assert read, "the batches read must be settled"
+    for a in read:
+        assert a.settlements == [("nack", None)]
+    assert source.closed and sink.closed
+
+
+async def test_stop_finishes_in_flight_writes_and_acks_them() -> None:
+    pipe = make_pipeline(batch={"max_messages": 2, "max_wait": "1ms"}, max_in_flight=2)
+    source, sink = parts(pipe)
+
+    async def slow(messages: Sequence[Message], attempt: int) -> None:
+        await asyncio.sleep(0.03)
+
+    sink.behaviour = slow
+    task = asyncio.create_task(pipe.run())
+    acks = [source.feed([msg(2 * b), msg(2 * b + 1)]) for b in range(2)]
+    await until(lambda: sink.active == 2)
+    pipe.stop(time.monotonic() + 2)
+    await asyncio.wait_for(task, 3)
+    assert pipe.state is PipelineState.STOPPED
+    assert len(sink.written) == 4
+    assert all(a.settlements == [("ack", None)] for a in acks)
+
+
+async def test_stop_while_dead_letter_stalls_settles_each_batch_once() -> None:
+    """Regression: a partial write resolved the written messages, then the
+    dead-letter write hit the deadline and the whole batch was resolved again,
+    settling the source batch twice and releasing the window twice."""
+    pipe = make_pipeline(batch={"max_messages": 3, "max_wait": "1ms"},
+                         dead_letter={"type": "fake"})
+    source, sink = parts(pipe)
+    never = asyncio.Event()
+
+    async def partial(messages: Sequence[Message], attempt: int) -> None:
+        raise PartialWriteError({2: RejectedError("poison")})
+
+    async def stalled(messages: Sequence[Message], attempt: int) -> None:
+        await never.wait()
+
+    sink.behaviour = partial
+    dlq(pipe).behaviour = stalled
+    task = asyncio.create_task(pipe.run())
+    ack = source.feed([msg(0), msg(1), msg(2)])
+    await until(lambda: dlq(pipe).active == 1)
+    pipe.stop(time.monotonic() + 0.05)
+    await asyncio.wait_for(task, 2)
+    assert ack.settlements == [("nack", None)]
+    assert pipe.in_flight == 0
+    assert pipe._window.bytes == 0
+
+
+async def test_source_failure_fails_the_run_and_nacks_unwritten_batches() -> None:
+    pipe = make_pipeline(batch={"max_messages": 100, "max_wait": "10s"})
+    source, _ = parts(pipe)
+    ack = source.feed([msg(0)])
+    source.queue.put_nowait(RuntimeError("source broke"))
+    with pytest.raises(RuntimeError, match="source broke"):
+        await asyncio.wait_for(pipe.run(), 2)
+    assert pipe.state is PipelineState.FAILED
+    assert ack.settlements == [("nack", None)]
+    assert source.closed
+
+
+async def test_retryable_read_error_is_retried() -> None:
+    pipe = make_pipeline()
+    source, sink = parts(pipe)
+    source.queue.put_nowait(RetryableError("fetch timed out"))
+    ack = source.feed([msg(0)])
+    await finish(pipe)
+    assert [m.id for m in sink.written] == ["id-0"]
+    assert ack.settlements == [("ack", None)]
