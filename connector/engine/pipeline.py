@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import inspect
 import logging
 import time
 from collections.abc import Awaitable, Sequence
@@ -247,7 +248,7 @@ class Pipeline:
             self._writes.discard(t)
             if holds_slot:
                 self._slots.release()
-            if not t.cancelled() and t.exception() is not None:
+            if not t.cancelled() and not isinstance(t.exception(), _Stopped | None):
                 self.log.error("write task failed", exc_info=t.exception())
 
         task.add_done_callback(finished)
@@ -315,6 +316,13 @@ class Pipeline:
             # Shutdown deadline: whatever is unwritten comes again from the source.
             await self._unwritten(batch)
             raise
+        except Exception:
+            # A bug (a PartialWriteError naming an index the batch lacks, a failing
+            # dead-letter header...): give the batch back to the source rather than
+            # leave it unsettled, which would hold the window and stall the reads.
+            self.log.error("write task failed; the source will redeliver its messages",
+                           exc_info=True, extra={"pipeline": self.name})
+            await self._unwritten(batch)
 
     async def _sink_write(self, messages: Sequence[Message]) -> None:
         if self._deadline is None:
@@ -501,6 +509,8 @@ class Pipeline:
     async def _wait_or_stop(self, aw: Awaitable[object]) -> bool:
         """Await ``aw``; False (and ``aw`` cancelled) if told to stop first."""
         if self._stopping.is_set():
+            if inspect.iscoroutine(aw):
+                aw.close()  # never started: close it so it is not reported as leaked
             return False
         task = asyncio.ensure_future(aw)
         stop = asyncio.ensure_future(self._stopping.wait())

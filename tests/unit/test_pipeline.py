@@ -501,3 +501,44 @@ async def test_retryable_read_error_is_retried() -> None:
     await finish(pipe)
     assert [m.id for m in sink.written] == ["id-0"]
     assert ack.settlements == [("ack", None)]
+
+
+async def test_a_partial_write_naming_a_missing_index_does_not_stall(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    pipe = make_pipeline(batch={"max_messages": 2, "max_wait": "1ms"}, max_in_flight=1)
+    source, sink = parts(pipe)
+
+    async def buggy(messages: Sequence[Message], attempt: int) -> None:
+        if attempt == 1:
+            raise PartialWriteError({7: RetryableError("index the batch does not have")})
+
+    sink.behaviour = buggy
+    first = source.feed([msg(0), msg(1)])
+    second = source.feed([msg(2), msg(3)])
+    await finish(pipe)
+    # Indices 0 and 1 are not in ``failed``: by the contract they were written.
+    assert first.settlements == [("ack", None)]
+    assert second.settlements == [("ack", None)]
+    assert [m.id for m in sink.written] == ["id-2", "id-3"]
+    assert pipe.in_flight == 0
+    assert "write task failed" in caplog.text
+
+
+async def test_shutdown_deadline_is_not_logged_as_a_failed_write(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    pipe = make_pipeline(batch={"max_messages": 1, "max_wait": "1ms"}, max_in_flight=1)
+    source, sink = parts(pipe)
+    never = asyncio.Event()
+
+    async def stalled(messages: Sequence[Message], attempt: int) -> None:
+        await never.wait()
+
+    sink.behaviour = stalled
+    task = asyncio.create_task(pipe.run())
+    pipe.stop(time.monotonic() + 0.05)  # the write starts after the stop: it sees the deadline
+    ack = source.feed([msg(0)])
+    await asyncio.wait_for(task, 2)
+    assert ack.settlements in ([], [("nack", None)])
+    assert "write task failed" not in caplog.text
