@@ -21,7 +21,11 @@ Piece = Callable[[Message], str]
 
 def _subject_token(index: int) -> Piece:
     def piece(message: Message) -> str:
-        tokens = (message.subject or "").split(".")
+        if not message.subject:
+            raise RejectedError(
+                f"message has no subject to take token {index} from for the address template"
+            )
+        tokens = message.subject.split(".")
         try:
             return tokens[index]
         except IndexError:

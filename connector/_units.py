@@ -17,6 +17,7 @@ _SIZE_UNITS = {
     "k": 1024, "m": 1024**2, "g": 1024**3,
 }
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(us|µs|ms|s|m|h|d)\s*$")
+_NUMBER_RE = re.compile(r"^\d+(?:\.\d+)?$")
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 
 
@@ -25,14 +26,17 @@ def parse_duration(value: Any) -> float:
     if isinstance(value, bool):
         raise ValueError(f"expected a duration such as '50ms' or '30s', found {value!r}")
     if isinstance(value, int | float):
-        if value < 0:
-            raise ValueError(f"expected a duration >= 0, found {value!r}")
+        if not value >= 0 or value == float("inf"):  # also catches NaN
+            raise ValueError(f"expected a finite duration >= 0, found {value!r}")
         return float(value)
     if isinstance(value, str):
         total = 0.0
         rest = value.strip()
         if not rest:
             raise ValueError("expected a duration such as '50ms' or '30s', found ''")
+        if _NUMBER_RE.match(rest):
+            # Plain seconds as text: what ``${TIMEOUT:-30}`` interpolates to.
+            return float(rest)
         for part in re.findall(r"\d+(?:\.\d+)?\s*(?:us|µs|ms|s|m|h|d)|.+?", rest):
             m = _DURATION_RE.match(part)
             if not m:
@@ -66,7 +70,10 @@ Duration = Annotated[
         {
             "anyOf": [
                 {"type": "number", "minimum": 0},
-                {"type": "string", "pattern": r"^\s*(\d+(\.\d+)?\s*(us|µs|ms|s|m|h|d)\s*)+$"},
+                {
+                    "type": "string",
+                    "pattern": r"^\s*((\d+(\.\d+)?\s*(us|µs|ms|s|m|h|d)\s*)+|\d+(\.\d+)?\s*)$",
+                },
             ],
             "description": "seconds, or a duration such as '50ms', '30s', '5m'",
         }
@@ -81,7 +88,7 @@ ByteSize = Annotated[
         {
             "anyOf": [
                 {"type": "integer", "minimum": 0},
-                {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*([kKmMgG]i?[bB]?|[bB])?\s*$"},
+                {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*([kKmMgG][iI]?[bB]?|[bB])?\s*$"},
             ],
             "description": "bytes, or a size such as '64KiB', '1MiB', '10MB'",
         }
