@@ -1,0 +1,119 @@
+"""What one system contributes to the harness: an Endpoint per source/sink type.
+
+An endpoint is the far side of one natsconn plugin type (``jetstream``,
+``nats``, ``kafka``…). It knows how to make a fresh place to read or write,
+how to fill it, how to count what arrived there, the plugin block that points
+natsconn at it, and the raw legs: the same work done with the system's own
+client and its best technique, without natsconn.
+
+Raw legs run inside a worker subprocess (bench/worker.py) so their CPU time
+and peak RSS are measured the way natsconn's are. Everything else runs in the
+harness process.
+
+To add a system, write ``bench/legs/<system>.py`` with Endpoint subclasses and
+``register(...)`` calls; see bench/README.md.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import time
+from abc import ABC
+from collections.abc import Awaitable, Callable
+from typing import Any, ClassVar
+
+from .model import Params, Place, Sample
+
+Ready = Callable[[], Awaitable[None]]
+"""Called by a consume leg once it is subscribed, before the live feed starts."""
+
+
+class Endpoint(ABC):
+    """One plugin type's far side. Subclasses set the class attributes and
+    implement the hooks their roles need (a sink-only endpoint needs no
+    ``preload``; a source-only one no ``delivered``)."""
+
+    name: ClassVar[str]  # the plugin type in pipeline.yaml
+    system: ClassVar[str]  # the service it needs, as in `scripts/services start <system>`
+    durable: ClassVar[bool] = True  # False: a source needs a live feed (core NATS, pub/sub)
+    gives_ids: ClassVar[bool] = False  # its source sets Message.id
+    # technique -> one line describing it; methods produce_<technique>/consume_<technique>
+    produce_legs: ClassVar[dict[str, str]] = {}
+    consume_legs: ClassVar[dict[str, str]] = {}
+    # the produce technique used to preload (durable) or feed (not durable) a source
+    feed_technique: ClassVar[str | None] = None
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = env
+
+    # ---- harness side -----------------------------------------------------
+
+    async def open(self) -> None:
+        """Connect the harness's own admin client, if any."""
+
+    async def close(self) -> None:
+        """Release the admin client."""
+
+    async def create(self, tag: str, params: Params, role: str) -> Place:
+        """A fresh, empty place for one run; ``role`` is ``source`` or ``sink``."""
+        raise NotImplementedError(f"{self.name} cannot be a {role}")
+
+    async def destroy(self, place: Place) -> None:
+        """Remove what ``create`` made."""
+
+    async def delivered(self, place: Place) -> int:
+        """How many messages the far side holds now (sink role). Polled every few ms."""
+        raise NotImplementedError(f"{self.name} cannot count deliveries")
+
+    def source_block(self, place: Place, params: Params) -> dict[str, Any]:
+        raise NotImplementedError(f"{self.name} has no source plugin")
+
+    def sink_block(self, place: Place, params: Params) -> dict[str, Any]:
+        raise NotImplementedError(f"{self.name} has no sink plugin")
+
+    def describe(self) -> dict[str, str]:
+        """Conditions worth recording (server version, storage…)."""
+        return {}
+
+    # ---- worker side (inside the leg's own process) -------------------------
+
+    async def produce(self, technique: str, place: Place, params: Params) -> Sample:
+        leg = getattr(self, f"produce_{technique}", None)
+        if leg is None:
+            raise KeyError(f"{self.name} has no produce leg {technique!r}")
+        result: Sample = await leg(place, params)
+        return result
+
+    async def consume(self, technique: str, place: Place, params: Params, ready: Ready) -> Sample:
+        leg = getattr(self, f"consume_{technique}", None)
+        if leg is None:
+            raise KeyError(f"{self.name} has no consume leg {technique!r}")
+        result: Sample = await leg(place, params, ready)
+        return result
+
+
+class Stopwatch:
+    """Wall time and this process's CPU time over a window, and its peak RSS."""
+
+    __slots__ = ("cpu0", "t0")
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+        self.cpu0 = time.process_time()
+
+    def restart(self) -> None:
+        self.t0 = time.perf_counter()
+        self.cpu0 = time.process_time()
+
+    def sample(self, messages: int, delivered: int | None = None,
+               notes: list[str] | None = None) -> Sample:
+        seconds = time.perf_counter() - self.t0
+        cpu = time.process_time() - self.cpu0
+        return Sample(messages, seconds, cpu, peak_rss(), delivered, os.getloadavg()[0],
+                      notes=notes or [])
+
+
+def peak_rss() -> int:
+    """This process's peak resident set, in bytes (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -1,0 +1,132 @@
+"""The plain data the harness passes around: parameters, one measurement, statistics.
+
+Everything here is JSON-serialisable, because raw legs run in worker
+subprocesses that receive their parameters and return their result as JSON.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+Place = dict[str, Any]
+"""Where a leg reads or writes (stream, subject, topic, table…), endpoint-defined."""
+
+
+@dataclass(frozen=True, slots=True)
+class Params:
+    """One measurement's workload: the same for a pipeline and its raw legs."""
+
+    size: int  # payload bytes
+    count: int  # messages
+    batch: int = 1000  # messages per batch (pipeline batch.max_messages, raw legs' batch)
+    max_in_flight: int = 4  # concurrent batches (pipeline max_in_flight, raw produce legs)
+    max_wait: float = 0.02  # pipeline linger (batch.max_wait)
+    prefetch: int = 2000  # JetStream pull window (plugin default), raw pull leg alike
+    ids: bool = False  # messages carry a source id (JetStream sink then sets Nats-Msg-Id)
+    storage: str = "file"  # JetStream stream storage
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Params:
+        return cls(**data)
+
+
+@dataclass(slots=True)
+class Sample:
+    """One timed run of one thing (a raw leg or a pipeline)."""
+
+    messages: int  # messages inside the timed window
+    seconds: float  # the window
+    cpu_seconds: float  # user+sys of the measured process inside the window
+    peak_rss: int  # bytes, whole life of the measured process
+    delivered: int | None = None  # total that reached the far side (drops = count - this)
+    load: float = 0.0  # os.getloadavg()[0] when the run ended
+    other_cores: float = 0.0  # CPU used by processes outside the measurement, in cores
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def rate(self) -> float:
+        return self.messages / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def cpu_per_message(self) -> float:
+        return self.cpu_seconds / self.messages if self.messages else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["rate"] = self.rate
+        out["cpu_per_message"] = self.cpu_per_message
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Sample:
+        keys = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in keys})
+
+
+@dataclass(slots=True)
+class Stats:
+    """Median and range over the kept runs (warm-up excluded)."""
+
+    samples: list[Sample]
+    discarded: list[Sample] = field(default_factory=list)  # noisy runs replaced by reruns
+
+    @property
+    def rates(self) -> list[float]:
+        return [s.rate for s in self.samples]
+
+    @property
+    def rate(self) -> float:
+        return statistics.median(self.rates) if self.samples else 0.0
+
+    @property
+    def rate_min(self) -> float:
+        return min(self.rates, default=0.0)
+
+    @property
+    def rate_max(self) -> float:
+        return max(self.rates, default=0.0)
+
+    @property
+    def spread(self) -> float:
+        """(max - min) / median of the rates."""
+        return (self.rate_max - self.rate_min) / self.rate if self.rate else 0.0
+
+    @property
+    def cpu_per_message(self) -> float:
+        return statistics.median([s.cpu_per_message for s in self.samples]) if self.samples \
+            else 0.0
+
+    @property
+    def peak_rss(self) -> int:
+        return max((s.peak_rss for s in self.samples), default=0)
+
+    @property
+    def delivered_min(self) -> int | None:
+        values = [s.delivered for s in self.samples if s.delivered is not None]
+        return min(values) if values else None
+
+    @property
+    def load(self) -> float:
+        return max((s.load for s in self.samples), default=0.0)
+
+    @property
+    def other_cores(self) -> float:
+        return max((s.other_cores for s in self.samples), default=0.0)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "rate_median": self.rate,
+            "rate_min": self.rate_min,
+            "rate_max": self.rate_max,
+            "cpu_per_message_median": self.cpu_per_message,
+            "peak_rss_max": self.peak_rss,
+            "load_max": self.load,
+            "other_cores_max": self.other_cores,
+            "samples": [s.to_json() for s in self.samples],
+            "discarded": [s.to_json() for s in self.discarded],
+        }

@@ -1,0 +1,76 @@
+"""Which endpoints and pipeline pairs exist: filled by the modules in bench/legs/.
+
+Each ``bench/legs/<system>.py`` calls :func:`endpoint` on its Endpoint
+classes and :func:`pair` for the pipelines worth measuring. A module that
+fails to import (a client library not installed) is recorded, not fatal:
+its pairs are reported as unavailable.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass
+
+from .endpoint import Endpoint
+
+ENDPOINTS: dict[str, type[Endpoint]] = {}
+PAIRS: dict[str, Pair] = {}
+BROKEN: dict[str, str] = {}  # module -> import error
+
+
+@dataclass(frozen=True, slots=True)
+class Pair:
+    """A pipeline ``source → sink`` to measure against its raw legs.
+
+    ``engine_only`` pairs (generate → drop) have no raw legs and no far side;
+    they are judged by ``target_rate`` alone. Bridge pairs are judged by the
+    ratio of the pipeline to its slower raw leg (``target_ratio``).
+    """
+
+    source: str
+    sink: str
+    count: int = 200_000  # messages per run (full)
+    quick_count: int = 10_000  # messages per run with --quick
+    engine_only: bool = False
+    target_rate: float | None = None
+    target_ratio: float | None = 0.8
+    default: bool = True  # measured when --pairs is not given
+
+    @property
+    def name(self) -> str:
+        return f"{self.source}->{self.sink}"
+
+
+def endpoint(cls: type[Endpoint]) -> type[Endpoint]:
+    """Register an endpoint class (usable as a decorator)."""
+    if cls.name in ENDPOINTS and ENDPOINTS[cls.name] is not cls:
+        raise ValueError(f"endpoint {cls.name!r} registered twice")
+    ENDPOINTS[cls.name] = cls
+    return cls
+
+
+def pair(p: Pair) -> Pair:
+    PAIRS[p.name] = p
+    return p
+
+
+def load_all() -> None:
+    """Import every module of bench.legs once."""
+    from . import legs
+
+    for info in pkgutil.iter_modules(legs.__path__):
+        module = f"{legs.__name__}.{info.name}"
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            BROKEN[module] = f"{type(exc).__name__}: {exc}"
+
+
+def parse_pair(text: str) -> str:
+    """Accept ``a:b`` (no shell quoting needed), ``a->b`` or ``a→b``; return ``a->b``."""
+    for sep in ("->", "→", ":"):
+        if sep in text:
+            a, _, b = text.partition(sep)
+            return f"{a.strip()}->{b.strip()}"
+    raise ValueError(f"expected SOURCE:SINK, found {text!r}")

@@ -1,0 +1,158 @@
+"""The results as JSON (everything) and as a Markdown table (the summary)."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .runner import REPO, Measured, Options, PairResult
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "?"
+
+
+def _git() -> str:
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
+                              capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "connector", "plugins",
+                                "bench"], cwd=REPO, capture_output=True, text=True,
+                               check=True).stdout.strip()
+        return head + (" (+ uncommitted changes)" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "?"
+
+
+def conditions(opts: Options, described: dict[str, str], started: float) -> dict[str, Any]:
+    loop = opts.loop
+    if loop == "uvloop":
+        loop = f"uvloop {importlib.metadata.version('uvloop')}"
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(started)),
+        "git": _git(),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "event_loop": loop,
+        "batch_max_messages": opts.batch,
+        "batch_max_wait": "20ms",
+        "max_in_flight": opts.max_in_flight,
+        "jetstream_storage": opts.storage,
+        "runs": opts.runs,
+        "warmup": "one run at a quarter of the count" if opts.warmup else "none",
+        "noise_threshold_cores": opts.noise,
+        **described,
+    }
+
+
+def _rate(v: float) -> str:
+    if v >= 1e6:
+        return f"{v / 1e6:.2f}M"
+    return f"{v / 1e3:.1f}k"
+
+
+def _range(m: Measured) -> str:
+    s = m.stats
+    return f"{_rate(s.rate)} ({_rate(s.rate_min)}-{_rate(s.rate_max)})"
+
+
+def _us(v: float) -> str:
+    return f"{v * 1e6:.2f}"
+
+
+def _mark(holds: bool | None) -> str:
+    return {True: "yes", False: "**no**", None: "-"}[holds]
+
+
+def markdown(results: list[PairResult], cond: dict[str, Any]) -> str:
+    out = ["# natsconn benchmark", ""]
+    out.append("| pipeline | size | count | pipeline msg/s (range) | raw consume leg | "
+               "raw produce leg | ratio | target | CPU µs/msg (pipeline / raw sum) | "
+               "peak RSS | delivered |")
+    out.append("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        p = r.pipeline
+        if r.pair.engine_only:
+            target = f">= {_rate(r.pair.target_rate or 0)} msg/s: {_mark(r.holds)}"
+            out.append(f"| {r.pair.name} (engine) | {r.size} B | {r.params.count:,} | "
+                       f"{_range(p)} | - | - | - | {target} | "
+                       f"{_us(p.stats.cpu_per_message)} / - | {p.stats.peak_rss / 2**20:.0f} MiB"
+                       f" | - |")
+            continue
+        bc, bp = r.best_consume, r.best_produce
+        consume = f"{_rate(bc.stats.rate)} ({bc.endpoint}/{bc.technique})" if bc else "-"
+        produce = f"{_rate(bp.stats.rate)} ({bp.endpoint}/{bp.technique})" if bp else "-"
+        ratio = f"{r.ratio:.2f}" if r.ratio is not None else "-"
+        raw_cpu = sum(m.stats.cpu_per_message for m in (bc, bp) if m is not None)
+        cpu = f"{_us(p.stats.cpu_per_message)} / {_us(raw_cpu)}"
+        if r.cpu_ratio is not None:
+            cpu += f" ({r.cpu_ratio:.2f}x)"
+        delivered = p.stats.delivered_min
+        got = "-" if delivered is None else (
+            "all" if delivered >= r.params.count else f"{delivered:,} (min)")
+        target = f">= {r.pair.target_ratio}: {_mark(r.holds)}"
+        out.append(f"| {r.pair.name} | {r.size} B | {r.params.count:,} | {_range(p)} | "
+                   f"{consume} | {produce} | {ratio} | {target} | {cpu} | "
+                   f"{p.stats.peak_rss / 2**20:.0f} MiB | {got} |")
+    out += ["", "Ratio: the pipeline's median rate over the slower of the best raw consume and "
+            "the best raw produce leg, measured in the same run with the same batching.", ""]
+    legs = [m for r in results for m in (*r.consume, *r.produce)]
+    seen: set[int] = set()
+    if legs:
+        out += ["## Raw legs", "",
+                "| leg | technique | size | msg/s (range) | CPU µs/msg | peak RSS | notes |",
+                "|---|---|---|---|---|---|---|"]
+        for m in legs:
+            if id(m) in seen:
+                continue
+            seen.add(id(m))
+            notes = sorted({n for s in m.stats.samples for n in s.notes
+                            if not n.startswith("fed at")})
+            fed = [n for s in m.stats.samples for n in s.notes if n.startswith("fed at")]
+            if fed:
+                notes.append(fed[0] + " (run 1)")
+            out.append(f"| {m.kind} {m.endpoint} | {m.technique} | {m.params.size} B | "
+                       f"{_range(m)} | {_us(m.stats.cpu_per_message)} | "
+                       f"{m.stats.peak_rss / 2**20:.0f} MiB | {'; '.join(notes) or ''} |")
+        out.append("")
+    out += ["## Conditions", ""]
+    out += [f"- {k}: {v}" for k, v in cond.items()]
+    noisy = [(r, m) for r in results for m in (r.pipeline, *r.consume, *r.produce)
+             if m.stats.discarded]
+    loads = [m.stats.load for r in results for m in (r.pipeline, *r.consume, *r.produce)]
+    others = [m.stats.other_cores for r in results for m in (r.pipeline, *r.consume, *r.produce)]
+    if loads:
+        out.append(f"- load average (1 min) during kept runs: up to {max(loads):.2f}; foreign "
+                   f"CPU (other processes) up to {max(others):.2f} cores")
+    if noisy:
+        out.append(f"- {sum(len(m.stats.discarded) for _, m in noisy)} noisy run(s) replaced "
+                   "by reruns (foreign CPU above the threshold)")
+    out.append("")
+    return "\n".join(out)
+
+
+def write(results: list[PairResult], cond: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    data = {"conditions": cond, "results": [r.to_json() for r in results]}
+    json_path = out_dir / f"{stamp}.json"
+    json_path.write_text(json.dumps(data, indent=1))
+    md_path = out_dir / "latest.md"
+    md_path.write_text(markdown(results, cond))
+    return json_path, md_path

@@ -1,0 +1,492 @@
+"""Runs the measurements: raw legs and pipelines, warm-up, runs, noisy reruns.
+
+For each pair and message size, in one run of the harness:
+
+1. every raw consume leg of the source endpoint and every raw produce leg of
+   the sink endpoint, each in a worker process (bench/worker.py);
+2. the pipeline, as ``natsconn run`` in a subprocess, timed at the far side:
+   the window starts at the first poll that sees a message arrive and ends at
+   the poll that sees the last one; natsconn's CPU comes from /proc over the
+   same window.
+
+A durable source (JetStream) is preloaded before the clock starts; a
+non-durable one (core NATS) is fed at full speed by a worker running the
+endpoint's feed technique once the consumer is subscribed, and what does not
+arrive is reported as dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from .endpoint import Endpoint
+from .model import Params, Place, Sample, Stats
+from .procs import Child, CpuMeter, find_pids
+from .registry import ENDPOINTS, Pair
+
+REPO = Path(__file__).resolve().parent.parent
+POLL = 0.01  # far-side poll interval, seconds
+STALL = 10.0  # a durable-source pipeline with no progress for this long has failed
+FEED_IDLE = 3.0  # a live-fed pipeline is over this long after the last arrival
+
+
+Feed = Coroutine[Any, Any, tuple[Sample, float]]  # a feeder run: its sample and CPU
+
+
+class BenchError(Exception):
+    pass
+
+
+@dataclass(slots=True)
+class Options:
+    pairs: list[Pair]
+    sizes: list[int]
+    runs: int = 3
+    warmup: bool = True
+    quick: bool = False
+    count: int | None = None  # overrides every pair's count
+    batch: int = 1000
+    max_in_flight: int = 4
+    storage: str = "file"
+    loop: str = "uvloop"
+    noise: float = 0.35  # a run whose foreign CPU exceeds this many cores is noisy
+    max_extra: int = 3  # reruns allowed per measurement to replace noisy runs
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Measured:
+    """One measured thing (a raw leg or a pipeline) at one pair and size."""
+
+    kind: str  # "consume", "produce", "pipeline", "engine"
+    endpoint: str  # endpoint name, or the pair's name for pipelines
+    technique: str
+    params: Params
+    stats: Stats
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "endpoint": self.endpoint, "technique": self.technique,
+                "params": self.params.to_json(), **self.stats.to_json()}
+
+
+@dataclass(slots=True)
+class PairResult:
+    pair: Pair
+    size: int
+    params: Params
+    pipeline: Measured
+    consume: list[Measured] = field(default_factory=list)
+    produce: list[Measured] = field(default_factory=list)
+    error: str | None = None
+
+    @staticmethod
+    def _best(legs: list[Measured]) -> Measured | None:
+        return max(legs, key=lambda m: m.stats.rate, default=None)
+
+    @property
+    def best_consume(self) -> Measured | None:
+        return self._best(self.consume)
+
+    @property
+    def best_produce(self) -> Measured | None:
+        return self._best(self.produce)
+
+    @property
+    def slower_leg(self) -> Measured | None:
+        legs = [m for m in (self.best_consume, self.best_produce) if m is not None]
+        return min(legs, key=lambda m: m.stats.rate, default=None)
+
+    @property
+    def ratio(self) -> float | None:
+        slower = self.slower_leg
+        if slower is None or not slower.stats.rate:
+            return None
+        return self.pipeline.stats.rate / slower.stats.rate
+
+    @property
+    def cpu_ratio(self) -> float | None:
+        """Pipeline CPU per message over the sum of the best raw legs' CPU per message."""
+        legs = [m for m in (self.best_consume, self.best_produce) if m is not None]
+        raw = sum(m.stats.cpu_per_message for m in legs)
+        if not legs or not raw:
+            return None
+        return self.pipeline.stats.cpu_per_message / raw
+
+    @property
+    def holds(self) -> bool | None:
+        if self.pair.engine_only:
+            target = self.pair.target_rate
+            return None if target is None else self.pipeline.stats.rate >= target
+        ratio = self.ratio
+        if ratio is None or self.pair.target_ratio is None:
+            return None
+        return ratio >= self.pair.target_ratio
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "pair": self.pair.name, "size": self.size, "params": self.params.to_json(),
+            "pipeline": self.pipeline.to_json(),
+            "consume": [m.to_json() for m in self.consume],
+            "produce": [m.to_json() for m in self.produce],
+            "best_consume": self.best_consume.technique if self.best_consume else None,
+            "best_produce": self.best_produce.technique if self.best_produce else None,
+            "ratio": self.ratio, "cpu_ratio": self.cpu_ratio,
+            "target_ratio": self.pair.target_ratio, "target_rate": self.pair.target_rate,
+            "holds": self.holds, "error": self.error,
+        }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.0f} MiB"
+
+
+class Harness:
+    def __init__(self, opts: Options, progress: Callable[[str], None] | None = None) -> None:
+        self.opts = opts
+        self.say = progress or (lambda line: print(line, file=sys.stderr, flush=True))
+        self.endpoints: dict[str, Endpoint] = {}
+        self.meter = CpuMeter(find_pids("nats-server"))
+        self._cache: dict[str, Measured] = {}
+        self._tmp = REPO / "bench" / "results" / "tmp"
+        self.step = 0
+
+    # ------------------------------------------------------------------ setup
+
+    async def __aenter__(self) -> Harness:
+        self._tmp.mkdir(parents=True, exist_ok=True)
+        names = {p.source for p in self.opts.pairs} | {p.sink for p in self.opts.pairs}
+        for name in sorted(names):
+            if name not in ENDPOINTS:
+                raise BenchError(f"no endpoint {name!r} (bench/legs/ has: "
+                                 f"{', '.join(sorted(ENDPOINTS))})")
+            ep = ENDPOINTS[name](self.opts.env)
+            await ep.open()
+            self.endpoints[name] = ep
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for ep in self.endpoints.values():
+            await ep.close()
+
+    def describe(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for ep in self.endpoints.values():
+            out.update(ep.describe())
+        return out
+
+    # ---------------------------------------------------------------- running
+
+    async def run(self) -> list[PairResult]:
+        results = []
+        for pair in self.opts.pairs:
+            for size in self.opts.sizes:
+                results.append(await self.run_pair(pair, size))
+        return results
+
+    def params(self, pair: Pair, size: int) -> Params:
+        o = self.opts
+        count = o.count or (pair.quick_count if o.quick else pair.count)
+        src = ENDPOINTS[pair.source]
+        return Params(size=size, count=count, batch=o.batch, max_in_flight=o.max_in_flight,
+                      ids=src.gives_ids, storage=o.storage)
+
+    async def run_pair(self, pair: Pair, size: int) -> PairResult:
+        params = self.params(pair, size)
+        src, dst = self.endpoints[pair.source], self.endpoints[pair.sink]
+        label = f"{pair.name} {size}B"
+        if pair.engine_only:
+            stats = await self.measure(f"{label} | engine", params.count,
+                                       lambda p: self.engine_once(pair, src, dst, p), params)
+            return PairResult(pair, size, params,
+                              Measured("engine", pair.name, "natsconn engine", params, stats))
+        consume = []
+        for technique in src.consume_legs:
+            consume.append(await self.raw(label, src, "consume", technique,
+                                          replace(params, ids=False)))
+        produce = []
+        for technique in dst.produce_legs:
+            produce.append(await self.raw(label, dst, "produce", technique, params))
+        stats = await self.measure(f"{label} | pipeline natsconn run", params.count,
+                                   lambda p: self.pipeline_once(pair, src, dst, p), params)
+        return PairResult(pair, size, params,
+                          Measured("pipeline", pair.name, "natsconn run", params, stats),
+                          consume, produce)
+
+    async def raw(self, label: str, ep: Endpoint, kind: str, technique: str,
+                  params: Params) -> Measured:
+        key = json.dumps([ep.name, kind, technique, params.to_json()])
+        if key in self._cache:
+            self.say(f"{label} | raw {kind} {ep.name}/{technique} | measured above, reused")
+            return self._cache[key]
+        stats = await self.measure(
+            f"{label} | raw {kind} {ep.name}/{technique}", params.count,
+            lambda p: self.raw_once(ep, kind, technique, p), params)
+        measured = Measured(kind, ep.name, technique, params, stats)
+        self._cache[key] = measured
+        return measured
+
+    async def measure(self, label: str, count: int,
+                      once: Callable[[Params], Awaitable[Sample]], params: Params) -> Stats:
+        """One warm-up (a quarter of the count), ``runs`` runs, and reruns that
+        replace runs disturbed by foreign CPU load."""
+        o = self.opts
+        if o.warmup:
+            warm = replace(params, count=max(params.count // 4, min(params.count, 1000)))
+            sample = await once(warm)
+            self._line(label, "warm-up", sample)
+        samples: list[Sample] = []
+        extra = 0
+        while True:
+            n = len(samples) + 1
+            sample = await once(params)
+            samples.append(sample)
+            noisy = sample.other_cores > o.noise
+            self._line(label, f"run {n}/{o.runs}" + (" (noisy)" if noisy else ""), sample)
+            if len(samples) < o.runs:
+                continue
+            quiet = [s for s in samples if s.other_cores <= o.noise]
+            if len(quiet) >= o.runs or extra >= o.max_extra:
+                break
+            extra += 1
+        ranked = sorted(samples, key=lambda s: s.other_cores)
+        return Stats(ranked[:o.runs], ranked[o.runs:])
+
+    def _line(self, label: str, what: str, s: Sample) -> None:
+        drop = ""
+        if s.delivered is not None and s.delivered < s.messages:
+            drop = f" | {s.delivered} delivered"
+        notes = f" | {'; '.join(s.notes)}" if s.notes else ""
+        self.say(f"{time.strftime('%H:%M:%S')} {label} | {what} | {s.rate:>11,.0f} msg/s | "
+                 f"{s.cpu_per_message * 1e6:6.2f} us/msg CPU | rss {_mib(s.peak_rss)} | "
+                 f"load {s.load:.2f} | other {s.other_cores:.2f} cores{drop}{notes}")
+
+    # ------------------------------------------------------------ one run each
+
+    def _tag(self) -> str:
+        return uuid.uuid4().hex[:10]
+
+    def _worker_argv(self, spec: dict[str, Any]) -> list[str]:
+        return [sys.executable, "-m", "bench.worker", json.dumps(spec)]
+
+    async def _worker(self, spec: dict[str, Any],
+                      on_ready: Callable[[], Feed] | None = None,
+                      ) -> tuple[Sample, float, tuple[Sample, float] | None]:
+        """Run a worker; returns its sample, its whole-life CPU and, when a live
+        feed was started on READY, the feeder's sample and CPU."""
+        spec = {"env": self.opts.env, "loop": self.opts.loop, **spec}
+        child = Child(self._worker_argv(spec), env=self._child_env(), cwd=str(REPO))
+        result: Sample | None = None
+        feed: asyncio.Task[tuple[Sample, float]] | None = None
+        try:
+            while True:
+                line = await child.readline(timeout=900)
+                if line is None:
+                    break
+                if line == "READY" and on_ready is not None:
+                    feed = asyncio.create_task(on_ready())
+                elif line.startswith("RESULT "):
+                    result = Sample.from_json(json.loads(line[7:]))
+        finally:
+            if result is None:
+                child.kill()
+            await child.reap()
+        fed = await feed if feed is not None else None
+        if result is None:
+            tail = child.stderr.decode(errors="replace")[-3000:]
+            raise BenchError(f"worker {spec.get('mode')} {spec.get('endpoint')}/"
+                             f"{spec.get('technique')} failed (exit {child.returncode}):\n{tail}")
+        return result, child.cpu_total, fed
+
+    def _child_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(self.opts.env)
+        env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+        return env
+
+    async def _produce(self, ep: Endpoint, place: Place, params: Params,
+                       technique: str | None = None) -> tuple[Sample, float]:
+        technique = technique or ep.feed_technique
+        if technique is None:
+            raise BenchError(f"{ep.name} has no feed technique")
+        spec = {"mode": "produce", "endpoint": ep.name, "technique": technique,
+                "place": place, "params": params.to_json()}
+        sample, cpu, _ = await self._worker(spec)
+        return sample, cpu
+
+    async def raw_once(self, ep: Endpoint, kind: str, technique: str,
+                       params: Params) -> Sample:
+        role = "source" if kind == "consume" else "sink"
+        place = await ep.create(self._tag(), params, role)
+        try:
+            if kind == "produce":
+                self.meter.start()
+                sample, cpu = await self._produce(ep, place, params, technique)
+                sample.other_cores = self.meter.other_cores(cpu)
+                return sample
+            feed_params = replace(params, ids=False)
+            if ep.durable:
+                await self._produce(ep, place, feed_params)
+            self.meter.start()
+            on_ready = None if ep.durable else (lambda: self._produce(ep, place, feed_params))
+            spec = {"mode": "consume", "endpoint": ep.name, "technique": technique,
+                    "place": place, "params": params.to_json()}
+            sample, cpu, fed = await self._worker(spec, on_ready)
+            feed_cpu = fed[1] if fed else 0.0
+            sample.other_cores = self.meter.other_cores(cpu + feed_cpu)
+            if fed is not None:
+                sample.notes.append(f"fed at {fed[0].rate:,.0f} msg/s")
+            return sample
+        finally:
+            await ep.destroy(place)
+
+    async def engine_once(self, pair: Pair, src: Endpoint, dst: Endpoint,
+                          params: Params) -> Sample:
+        config = self.pipeline_config(pair, src.source_block({}, params),
+                                      dst.sink_block({}, params), params, http=None)
+        self.meter.start()
+        sample, cpu, _ = await self._worker({"mode": "engine", "config": config})
+        sample.other_cores = self.meter.other_cores(cpu)
+        return sample
+
+    def pipeline_config(self, pair: Pair, source: dict[str, Any], sink: dict[str, Any],
+                        params: Params, http: str | None) -> dict[str, Any]:
+        return {
+            "pipelines": [{
+                "name": f"bench-{pair.source}-{pair.sink}",
+                "source": source,
+                "sink": sink,
+                "batch": {"max_messages": params.batch,
+                          "max_wait": f"{round(params.max_wait * 1000)}ms"},
+                "max_in_flight": params.max_in_flight,
+            }],
+            "http": {"enabled": http is not None, "address": http or "127.0.0.1:0"},
+            "log": {"level": "warning"},
+        }
+
+    async def pipeline_once(self, pair: Pair, src: Endpoint, dst: Endpoint,
+                            params: Params) -> Sample:
+        tag = self._tag()
+        src_place = await src.create(tag, params, "source")
+        dst_place = await dst.create(tag, params, "sink")
+        child: Child | None = None
+        try:
+            feed_params = replace(params, ids=False)
+            if src.durable:
+                await self._produce(src, src_place, feed_params)
+            port = free_port()
+            config = self.pipeline_config(pair, src.source_block(src_place, params),
+                                          dst.sink_block(dst_place, params), params,
+                                          http=f"127.0.0.1:{port}")
+            path = self._tmp / f"{tag}.yaml"
+            path.write_text(json.dumps(config, indent=1))
+            self.meter.start()
+            child = Child([sys.executable, "-m", "connector.cli", "run", str(path)],
+                          env=self._child_env(), cwd=str(REPO))
+            await self._wait_ready(child, port)
+            feed: asyncio.Task[tuple[Sample, float]] | None = None
+            if not src.durable:
+                feed = asyncio.create_task(self._produce(src, src_place, feed_params))
+            sample = await self._watch(child, dst, dst_place, params.count, feed)
+            sample.peak_rss = child.hwm()
+            child.terminate()
+            await child.reap()
+            fed = await feed if feed is not None else None
+            if fed is not None:
+                sample.notes.append(f"fed at {fed[0].rate:,.0f} msg/s")
+            sample.other_cores = self.meter.other_cores(
+                child.cpu_total + (fed[1] if fed else 0.0))
+            if child.returncode not in (0, None):
+                sample.notes.append(f"natsconn exit {child.returncode}")
+            path.unlink(missing_ok=True)
+            return sample
+        finally:
+            if child is not None and child.alive():
+                child.kill()
+                await child.reap()
+            await src.destroy(src_place)
+            await dst.destroy(dst_place)
+
+    async def _wait_ready(self, child: Child, port: int, timeout: float = 60.0) -> None:
+        url = f"http://127.0.0.1:{port}/readyz"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not child.alive():
+                await child.reap()
+                raise BenchError("natsconn run exited before it was ready:\n"
+                                 + child.stderr.decode(errors="replace")[-3000:])
+            try:
+                status = await asyncio.to_thread(_get_status, url)
+                if status == 200:
+                    return
+            except OSError:
+                pass
+            await asyncio.sleep(0.05)
+        raise BenchError(f"natsconn run was not ready within {timeout}s")
+
+    async def _watch(self, child: Child, dst: Endpoint, place: Place, n: int,
+                     feed: asyncio.Task[tuple[Sample, float]] | None) -> Sample:
+        """Poll the far side; the window runs from the first poll that sees
+        messages to the poll that sees the last one."""
+        first: tuple[float, int, float] | None = None
+        last: tuple[float, int, float] | None = None
+        seen = 0
+        changed = time.perf_counter()
+        notes: list[str] = []
+        while True:
+            count = await dst.delivered(place)
+            now, cpu = time.perf_counter(), child.cpu()
+            if count > seen:
+                seen, changed = count, now
+                last = (now, count, cpu)
+                if first is None:
+                    first = last
+            if count >= n:
+                break
+            if not child.alive():
+                notes.append("natsconn exited early")
+                break
+            idle = now - changed
+            if feed is None and idle > STALL:
+                notes.append(f"no progress for {STALL:.0f}s")
+                break
+            if feed is not None and feed.done() and idle > FEED_IDLE:
+                break
+            if feed is not None and feed.done() and feed.exception() is not None:
+                break
+            await asyncio.sleep(POLL)
+        if first is None or last is None or last[1] == first[1]:
+            raise BenchError(f"the far side saw too little to time ({seen} of {n}): "
+                             + "; ".join(notes))
+        messages = last[1] - first[1]
+        if messages < n // 2 and seen >= n:
+            notes.append("window shorter than half the messages; raise the count")
+        return Sample(messages, last[0] - first[0], last[2] - first[2], 0, seen,
+                      os.getloadavg()[0], notes=notes)
+
+
+def _get_status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            status: int = resp.status
+            return status
+    except urllib.error.HTTPError as exc:
+        return exc.code

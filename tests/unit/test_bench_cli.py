@@ -1,0 +1,35 @@
+"""The benchmark harness imports and its command line answers (nothing timed here)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _bench(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "bench", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_help_names_the_run_command() -> None:
+    result = _bench("run", "--help")
+    assert result.returncode == 0, result.stderr
+    assert "--quick" in result.stdout and "--pairs" in result.stdout
+
+
+def test_list_shows_the_nats_pairs_and_legs() -> None:
+    result = _bench("list")
+    assert result.returncode == 0, result.stderr
+    for name in ("jetstream->nats", "nats->jetstream", "generate->drop",
+                 "consume jetstream/pull", "produce jetstream/pipelined"):
+        assert name in result.stdout
+    assert "not loaded" not in result.stdout, result.stdout
+
+
+def test_unknown_pair_is_a_clear_error() -> None:
+    result = _bench("run", "--pairs", "jetstream:nowhere", "--no-start")
+    assert result.returncode == 1
+    assert "unknown pair 'jetstream->nowhere'" in result.stderr
