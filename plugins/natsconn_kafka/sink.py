@@ -1,0 +1,375 @@
+"""The ``kafka`` sink: every message of a batch handed to the producer at once.
+
+``send()`` only appends a record to the producer's per-partition batch and
+returns a future; a batch is written when all its futures are resolved, so a
+sink batch costs one wait, not one round trip per message. The producer is
+idempotent with ``acks=all`` by default: its own retries add no duplicates.
+
+Per-message errors are mapped: a record too large, an invalid topic name, or a
+topic that does not exist and that the broker does not create are
+:class:`RejectedError` (dead-lettered); everything else is retryable. A record
+that the broker refuses as too large while it shared a record batch with
+others is sent again alone, so one oversized message does not take good ones
+to the dead-letter target with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+from collections.abc import Sequence
+from enum import StrEnum
+from typing import Any, Literal
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import (
+    InvalidTopicError,
+    KafkaError,
+    KafkaTimeoutError,
+    MessageSizeTooLargeError,
+    ProducerClosed,
+    RecordListTooLargeError,
+    RecordTooLargeError,
+    TopicAuthorizationFailedError,
+    UnknownTopicOrPartitionError,
+)
+from aiokafka.partitioner import DefaultPartitioner
+from pydantic import Field, field_validator, model_validator
+
+from connector import (
+    AddressTemplate,
+    ByteSize,
+    ConfigError,
+    Duration,
+    Message,
+    PartialWriteError,
+    RejectedError,
+    RetryableError,
+    Sink,
+)
+
+from .connection import KafkaConnectionConfig, client_options, start_client
+from .headers import encode_headers, encode_text
+
+# Added with ``metadata_headers: true`` (the names the engine uses on dead letters).
+H_SOURCE_ID = "Natsconn-Source-Id"
+H_SUBJECT = "Natsconn-Original-Subject"
+
+_LEGAL_TOPIC = re.compile(r"^[a-zA-Z0-9._-]{1,249}$")
+# Broker answers no retry cures.
+_TOO_LARGE = (MessageSizeTooLargeError, RecordListTooLargeError, RecordTooLargeError)
+# Errors after which the producer is rebuilt before the next write (its
+# idempotence state cannot be trusted any more).
+_FATAL_NAMES = {"OutOfOrderSequenceNumber", "UnknownProducerId", "InvalidProducerEpoch",
+                "ProducerFenced", "InvalidProducerIdMapping", "DuplicateSequenceNumber"}
+
+
+class Compression(StrEnum):
+    none = "none"
+    gzip = "gzip"
+    snappy = "snappy"
+    lz4 = "lz4"
+    zstd = "zstd"
+
+
+def _codec_available(codec: Compression) -> bool:
+    from aiokafka import codec as codecs
+
+    check = {
+        Compression.gzip: codecs.has_gzip,
+        Compression.snappy: codecs.has_snappy,
+        Compression.lz4: codecs.has_lz4,
+        Compression.zstd: codecs.has_zstd,
+    }[codec]
+    return bool(check())
+
+
+class KafkaSinkConfig(KafkaConnectionConfig):
+    topic: str = Field("{subject}", description="topic template: {subject}, {subject[N]}, "
+                       "{header[Name]}, {key}, {id}")
+    key: str | None = Field(None, description="key template such as '{subject[2]}' or "
+                            "'{header[Order-Id]}'; default: the message's own key")
+    acks: Literal["all", 1, 0] = Field("all", description="all: the in-sync replicas have "
+                                       "the record; 1: the leader has it; 0: no wait")
+    enable_idempotence: bool = Field(True, description="no duplicates from the producer's "
+                                     "own retries; needs acks: all")
+    linger: Duration = Field(0.005, ge=0, description="how long the producer waits to fill "
+                             "a record batch")
+    max_batch_size: ByteSize = Field(512 * 1024, ge=1024, description="record batch size "
+                                     "per partition")
+    max_request_size: ByteSize = Field(1024 * 1024, ge=1024, description="largest record "
+                                       "(and request) the producer sends; larger messages "
+                                       "are rejected")
+    compression: Compression = Field(Compression.none, description="gzip, snappy, lz4 or "
+                                     "zstd; the last three need the python package cramjam "
+                                     "(pip install 'natsconn[kafka-compression]')")
+    metadata_timeout: Duration = Field(10.0, gt=0, description="longest wait for an unknown "
+                                       "topic to appear (created by the broker) before its "
+                                       "messages are rejected")
+    keep_timestamp: bool = Field(True, description="use the message's timestamp as the "
+                                 "record's; otherwise the producer's clock")
+    metadata_headers: bool = Field(False, description="add Natsconn-Source-Id and "
+                                   "Natsconn-Original-Subject headers")
+
+    @field_validator("topic", "key")
+    @classmethod
+    def _template(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                AddressTemplate(value)
+            except ConfigError as exc:
+                raise ValueError(exc.message) from None
+        return value
+
+    @field_validator("compression")
+    @classmethod
+    def _codec(cls, value: Compression) -> Compression:
+        if value is not Compression.none and not _codec_available(value):
+            raise ValueError(f"compression {value.value} needs the python package cramjam, "
+                             "which is not installed: pip install 'natsconn[kafka-compression]'")
+        return value
+
+    @model_validator(mode="after")
+    def _acks(self) -> KafkaSinkConfig:
+        if self.enable_idempotence and self.acks != "all":
+            raise ValueError(f"acks {self.acks} needs enable_idempotence: false")
+        if self.max_batch_size > self.max_request_size:
+            raise ValueError("max_batch_size must not exceed max_request_size")
+        topic = AddressTemplate(self.topic)
+        if topic.is_constant and not _LEGAL_TOPIC.match(self.topic):
+            raise ValueError(f"invalid Kafka topic {self.topic!r}: {_TOPIC_RULE}")
+        return self
+
+
+_TOPIC_RULE = "expected 1 to 249 of a-z A-Z 0-9 . _ -"
+
+
+def _check_topic(topic: str) -> str:
+    if not _LEGAL_TOPIC.match(topic) or topic in (".", ".."):
+        raise RejectedError(f"invalid Kafka topic {topic[:300]!r}: {_TOPIC_RULE}")
+    return topic
+
+
+def _classify(exc: BaseException) -> RetryableError | RejectedError:
+    name = type(exc).__name__
+    text = str(exc) or name
+    if isinstance(exc, _TOO_LARGE):
+        return RejectedError(f"kafka: record too large: {text}")
+    if isinstance(exc, InvalidTopicError):
+        return RejectedError(f"kafka: invalid topic: {text}")
+    if isinstance(exc, TopicAuthorizationFailedError):
+        return RejectedError(f"kafka: not authorized to write the topic: {text}")
+    if name in ("InvalidRecordError", "InvalidTimestampError"):
+        return RejectedError(f"kafka: broker refused the record: {text}")
+    if isinstance(exc, UnknownTopicOrPartitionError):
+        return RetryableError(f"kafka: unknown topic or partition (metadata refresh): {text}")
+    return RetryableError(f"kafka: {name}: {text}")
+
+
+class KafkaSink(Sink[KafkaSinkConfig]):
+    """Kafka producer, idempotent with acks=all; a batch is one wait for all its records."""
+
+    Config = KafkaSinkConfig
+
+    async def connect(self) -> None:
+        cfg = self.config
+        self._topic = AddressTemplate(cfg.topic)
+        self._key = AddressTemplate(cfg.key) if cfg.key is not None else None
+        self._partitioner = DefaultPartitioner()
+        self._rebuild = False
+        self._producer = await self._start_producer()
+
+    def _new_producer(self) -> AIOKafkaProducer:
+        cfg = self.config
+        return AIOKafkaProducer(
+            acks=cfg.acks,
+            enable_idempotence=cfg.enable_idempotence,
+            linger_ms=int(cfg.linger * 1000),
+            max_batch_size=cfg.max_batch_size,
+            max_request_size=cfg.max_request_size,
+            compression_type=None if cfg.compression is Compression.none
+            else cfg.compression.value,
+            **client_options(cfg, self.context),
+        )
+
+    async def _start_producer(self) -> AIOKafkaProducer:
+        producer = self._new_producer()
+        await start_client(producer.start, producer.stop, self.config, "producer")
+        return producer
+
+    async def _ready_producer(self) -> AIOKafkaProducer:
+        if self._rebuild:
+            old = self._producer
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(old.stop(), self.config.request_timeout)
+            self._producer = await self._start_producer()
+            self._rebuild = False
+            self.context.logger.info("kafka: producer restarted")
+        return self._producer
+
+    # --------------------------------------------------------------- writing
+
+    async def write_batch(self, messages: Sequence[Message]) -> None:
+        producer = await self._ready_producer()
+        errors: dict[int, RetryableError | RejectedError] = {}
+        topics = self._topics(messages, errors)
+        await self._check_topics(producer, {t for t in topics if t is not None}, topics, errors)
+        sent: list[tuple[int, asyncio.Future[Any]]] = []
+        try:
+            await self._enqueue(producer, messages, topics, errors, sent)
+        except ProducerClosed as exc:
+            raise RetryableError(f"kafka: producer closed: {exc}") from None
+        if sent:
+            results = await asyncio.gather(*(f for _, f in sent), return_exceptions=True)
+            too_large: list[int] = []
+            for (i, _), result in zip(sent, results, strict=True):
+                if isinstance(result, BaseException):
+                    if isinstance(result, _TOO_LARGE) and len(sent) > 1:
+                        too_large.append(i)
+                    else:
+                        errors[i] = self._error(result)
+            for i in too_large:
+                error = await self._send_alone(producer, messages[i], topics[i])
+                if error is not None:
+                    errors[i] = error
+        if errors:
+            if len(errors) == len(messages) and all(
+                isinstance(e, RetryableError) for e in errors.values()
+            ):
+                raise next(iter(errors.values()))
+            raise PartialWriteError(errors)
+
+    def _topics(self, messages: Sequence[Message],
+                errors: dict[int, RetryableError | RejectedError]) -> list[str | None]:
+        render = self._topic.render
+        if self._topic.is_constant:
+            return [self.config.topic] * len(messages)
+        topics: list[str | None] = []
+        for i, m in enumerate(messages):
+            try:
+                topics.append(_check_topic(render(m)))
+            except RejectedError as exc:
+                errors[i] = exc
+                topics.append(None)
+        return topics
+
+    async def _check_topics(self, producer: AIOKafkaProducer, wanted: set[str],
+                            topics: list[str | None],
+                            errors: dict[int, RetryableError | RejectedError]) -> None:
+        """Make sure each topic has metadata; reject the messages of one that does not
+        exist and is not created by the broker (auto.create.topics.enable=false)."""
+        for topic in wanted:
+            problem = await self._topic_problem(producer, topic)
+            if problem is None:
+                continue
+            for i, t in enumerate(topics):
+                if t == topic:
+                    errors[i] = problem
+
+    async def _topic_problem(self, producer: AIOKafkaProducer,
+                             topic: str) -> RetryableError | RejectedError | None:
+        cfg = self.config
+        try:
+            await asyncio.wait_for(producer.partitions_for(topic), cfg.metadata_timeout)
+            return None
+        except TopicAuthorizationFailedError as exc:
+            return _classify(exc)
+        except (UnknownTopicOrPartitionError, TimeoutError, KafkaTimeoutError):
+            pass
+        except KafkaError as exc:
+            return RetryableError(f"kafka: metadata for topic {topic!r}: {exc}")
+        # The topic did not appear: is it missing, or is the cluster unreachable?
+        try:
+            cluster = await asyncio.wait_for(producer.client.fetch_all_metadata(),
+                                             cfg.request_timeout)
+        except Exception as exc:
+            return RetryableError(f"kafka: cannot fetch metadata for topic {topic!r}: {exc}")
+        if topic in cluster.topics():
+            return RetryableError(f"kafka: topic {topic!r} has no leader yet")
+        return RejectedError(f"kafka: topic {topic!r} does not exist and the broker did not "
+                             f"create it within {cfg.metadata_timeout:g}s "
+                             "(auto.create.topics.enable=false?)")
+
+    def _record(self, message: Message) -> tuple[bytes | None, list[tuple[str, bytes]], int | None]:
+        cfg = self.config
+        if self._key is not None:
+            key: bytes | None = encode_text(self._key.render(message))
+        else:
+            key = message.key
+        headers = message.headers
+        if cfg.metadata_headers:
+            headers = dict(headers)
+            if message.id is not None:
+                headers[H_SOURCE_ID] = message.id
+            if message.subject is not None:
+                headers[H_SUBJECT] = message.subject
+        timestamp = None
+        if cfg.keep_timestamp and message.timestamp is not None:
+            timestamp = int(message.timestamp * 1000)
+        return key, encode_headers(headers) if headers else [], timestamp
+
+    async def _enqueue(self, producer: AIOKafkaProducer, messages: Sequence[Message],
+                       topics: list[str | None],
+                       errors: dict[int, RetryableError | RejectedError],
+                       sent: list[tuple[int, asyncio.Future[Any]]]) -> None:
+        send = producer.send
+        for i, m in enumerate(messages):
+            topic = topics[i]
+            if topic is None or i in errors:
+                continue
+            try:
+                key, headers, timestamp = self._record(m)
+                future = await send(topic, m.data, key=key, headers=headers,
+                                    timestamp_ms=timestamp)
+            except RejectedError as exc:  # the key template lacks a part
+                errors[i] = exc
+                continue
+            except KafkaTimeoutError as exc:
+                # The partition's batch queue did not drain in request_timeout: the
+                # cluster is not taking data; the rest would wait as long.
+                for j in range(i, len(messages)):
+                    if j not in errors and topics[j] is not None:
+                        errors[j] = RetryableError(f"kafka: producer queue full: {exc}")
+                return
+            except ProducerClosed:
+                raise
+            except (KafkaError, AssertionError) as exc:
+                errors[i] = self._error(exc)
+                continue
+            sent.append((i, future))
+
+    def _error(self, exc: BaseException) -> RetryableError | RejectedError:
+        if type(exc).__name__ in _FATAL_NAMES:
+            self._rebuild = True
+        return _classify(exc)
+
+    async def _send_alone(self, producer: AIOKafkaProducer, message: Message,
+                          topic: str | None) -> RetryableError | RejectedError | None:
+        """Send ``message`` in a record batch of its own: it is too large only if the
+        broker refuses it alone."""
+        assert topic is not None
+        try:
+            key, headers, timestamp = self._record(message)
+            partitions = sorted(await producer.partitions_for(topic))
+            partition = self._partitioner(key, partitions, partitions)
+            batch = producer.create_batch()
+            if batch.append(key=key, value=message.data, timestamp=timestamp,
+                            headers=headers) is None:
+                return RejectedError("kafka: record larger than max_batch_size")
+            batch.close()
+            future = await producer.send_batch(batch, topic, partition=partition)
+            await future
+        except Exception as exc:
+            return self._error(exc)
+        return None
+
+    async def close(self) -> None:
+        producer = getattr(self, "_producer", None)
+        if producer is not None:
+            try:
+                await asyncio.wait_for(producer.stop(), self.config.request_timeout)
+            except Exception as exc:
+                self.context.logger.warning("kafka: closing the producer: %s", exc)
+            del self._producer
+
