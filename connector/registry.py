@@ -92,7 +92,7 @@ class Registry:
         close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         installed = ", ".join(names) or "none"
-        return f"unknown {kind} type {name!r}{hint} (installed: {installed})"
+        return f"unknown {kind} type {name!r}{hint} (expected an installed one: {installed})"
 
     def load(self, kind: Kind, name: str) -> type[Plugin]:  # type: ignore[type-arg]
         key = (kind, name)

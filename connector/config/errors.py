@@ -16,11 +16,18 @@ _SECRET_WORDS = ("password", "token", "secret", "seed", "credential", "passphras
 
 
 def _describe(value: Any) -> str:
+    # Containers by shape, never by content: a mapping may hold a password.
+    if isinstance(value, dict):
+        keys = ", ".join(str(k) for k in list(value)[:8])
+        return f"a mapping with keys {keys}" if value else "an empty mapping"
+    if isinstance(value, list):
+        return f"a list of {len(value)} item(s)" if value else "an empty list"
+    if value is None:
+        return "nothing"
     text = repr(value)
     if len(text) > 60:
         text = text[:57] + "..."
-    kind = {dict: "a mapping", list: "a list", type(None): "nothing"}.get(type(value))
-    return kind if kind and not value else f"{text} ({type(value).__name__})"
+    return f"{text} ({type(value).__name__})"
 
 
 def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
@@ -78,7 +85,13 @@ def from_validation_error(
     secret = any(isinstance(p, str) and any(w in p.lower() for w in _SECRET_WORDS) for p in loc)
     suffix = f" ({what})" if what else ""
     if kind == "missing":
-        message = f"required field {loc[-1]!r} is missing{suffix}"
+        message = (f"required field {loc[-1]!r} is missing (expected `{loc[-1]}:` here, "
+                   f"found no such key){suffix}")
+    elif kind in ("too_short", "too_long") and isinstance(found, list | dict | str):
+        ctx = err.get("ctx") or {}
+        bound = ctx.get("min_length") if kind == "too_short" else ctx.get("max_length")
+        least = "at least" if kind == "too_short" else "at most"
+        message = f"expected {least} {bound} item(s), found {_describe(found)}{suffix}"
     elif kind == "extra_forbidden":
         holder = _model_at(model, loc[:-1])
         allowed = sorted(holder.model_fields) if holder else []
@@ -90,6 +103,8 @@ def from_validation_error(
             msg = msg[len("Value error, "):]
         elif msg.startswith("Input should be"):
             msg = "expected " + msg[len("Input should be "):]
+        elif msg.startswith("String should "):
+            msg = "expected a string to " + msg[len("String should "):]
         shown = "a value (hidden: the field holds a secret)" if secret else _describe(found)
         if secret and "found" in msg:
             msg = msg.split(", found")[0]

@@ -75,8 +75,8 @@ def interpolate(
         if sep:
             return default
         raise fail(
-            f"undefined variable {name}: set it in the environment or give a default "
-            f"with ${{{name}:-value}}"
+            f"undefined variable {name}: expected it set in the environment or a default "
+            f"written ${{{name}:-value}}, found neither"
         )
 
     return _PATTERN.sub(replace, value)

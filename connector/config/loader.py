@@ -71,7 +71,9 @@ def load_text(
     registry = registry if registry is not None else Registry()
     raw, lines = parse_yaml(text, file)
     if raw is None:
-        raise ConfigError("the file is empty; expected a mapping with 'pipelines:'", file=file)
+        raise ConfigError("the file is empty: expected a mapping with 'pipelines:', found "
+                          "nothing",
+                          file=file, line=1)
     if not isinstance(raw, dict):
         raise ConfigError(
             f"expected a mapping with 'pipelines:' at the top, found {type(raw).__name__}",
@@ -79,6 +81,21 @@ def load_text(
         )
     secrets: set[str] = set()
     data = interpolate(raw, lines, file, env, secrets.add)
+    try:
+        return _validate(data, file, lines, registry, secrets)
+    except ConfigError as exc:
+        if not secrets:
+            raise
+        # A value read with ${file:...} never shows in an error, whatever field it sits in.
+        message = exc.message
+        for secret in sorted(secrets, key=len, reverse=True):
+            message = message.replace(secret, "***")
+        raise ConfigError(message, file=exc.file, line=exc.line, path=exc.path) from None
+
+
+def _validate(data: dict[str, Any], file: str, lines: Mapping[Path, int], registry: Registry,
+              secrets: set[str]) -> LoadedFile:
+    _unique_names(data, file, lines)
     try:
         spec = FileSpec.model_validate(data)
     except ValidationError as exc:
@@ -102,6 +119,27 @@ def load_text(
             _collect_secrets(plugin.config, secrets)
         pipelines.append(PipelineConfig(p, source, transforms, sink, dlq))
     return LoadedFile(file, spec, pipelines, secrets)
+
+
+def _unique_names(data: dict[str, Any], file: str, lines: Mapping[Path, int]) -> None:
+    """Two pipelines with one name: the error points at the second one's line (the
+    model's own check only knows the whole file)."""
+    pipelines = data.get("pipelines")
+    if not isinstance(pipelines, list):
+        return
+    first: dict[str, int] = {}
+    for i, p in enumerate(pipelines):
+        name = p.get("name") if isinstance(p, dict) else None
+        if not isinstance(name, str):
+            continue
+        path: Path = ("pipelines", i, "name")
+        if name in first:
+            raise ConfigError(
+                f"expected a unique pipeline name, found {name!r} again (first at line "
+                f"{lines.get(('pipelines', first[name], 'name'))})",
+                file=file, line=lines.get(path), path=format_path(path),
+            )
+        first[name] = i
 
 
 def _resolve(

@@ -26,6 +26,11 @@ def format_path(path: Path) -> str:
     return out or "(top level)"
 
 
+def _line(text: str, number: int | None) -> str:
+    lines = text.splitlines()
+    return lines[number - 1] if number is not None and 0 < number <= len(lines) else ""
+
+
 def parse_yaml(text: str, file: str) -> tuple[Any, dict[Path, int]]:
     """Return the document's value and a map from YAML path to 1-based line."""
     loader = yaml.SafeLoader(text)
@@ -34,7 +39,17 @@ def parse_yaml(text: str, file: str) -> tuple[Any, dict[Path, int]]:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else None
-        problem = exc.problem or exc.context or "invalid YAML"
+        problem = (exc.problem or exc.context or "invalid YAML").replace(", but got ", ", found ")
+        # Where the broken construct began, when that is not where it was noticed
+        # (an unclosed '{' is noticed lines later).
+        if exc.problem and exc.context and exc.context_mark is not None:
+            start = exc.context_mark.line + 1
+            if start != line:
+                problem += f" ({exc.context} that starts at line {start})"
+        if problem == "mapping values are not allowed here":
+            problem += "; expected one 'key: value' per line (quote a value holding ': ')"
+        elif "${" in _line(text, line):
+            problem += "; inside {...} or [...] write a ${VAR} reference in quotes"
         raise ConfigError(f"invalid YAML: {problem}", file=file, line=line) from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"invalid YAML: {exc}", file=file) from None
@@ -62,7 +77,8 @@ def _build(loader: yaml.SafeLoader, node: yaml.Node, path: Path, lines: dict[Pat
             key = str(key) if not isinstance(key, str) else key
             if key in result:
                 raise ConfigError(
-                    f"duplicate key {key!r} (first at line {lines[(*path, key)]})",
+                    f"duplicate key: expected each key once, found {key!r} again "
+                    f"(first at line {lines[(*path, key)]})",
                     file=file, line=key_node.start_mark.line + 1, path=format_path(path),
                 )
             child = (*path, key)
