@@ -21,7 +21,10 @@ class Redactor:
         self._secrets: list[str] = []
 
     def add(self, secrets: Iterable[str]) -> None:
-        merged = set(self._secrets) | {s for s in secrets if len(s) >= 3}
+        # Each secret also as JSON writes it (quotes, backslashes, non-ASCII escaped).
+        merged = set(self._secrets) | {
+            v for s in secrets if len(s) >= 3 for v in (s, json.dumps(s)[1:-1])
+        }
         self._secrets = sorted(merged, key=len, reverse=True)
 
     def __call__(self, text: str) -> str:
