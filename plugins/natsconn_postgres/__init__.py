@@ -1,0 +1,1 @@
+"""PostgreSQL sink (COPY, insert, upsert) and sources (outbox table, LISTEN) for natsconn."""

@@ -1,0 +1,314 @@
+"""The ``postgres`` sink: one transaction per batch, in one of three modes.
+
+* ``copy``: ``COPY ... FROM STDIN (FORMAT binary)`` through asyncpg's record
+  copy, the fast path. With an id column (``Message.id`` in a unique column)
+  the batch is copied into a per-connection temporary table and moved with
+  ``INSERT ... SELECT ... ON CONFLICT (id) DO NOTHING``, so that a batch
+  redelivered after a crash adds no duplicate.
+* ``insert``: one ``INSERT ... SELECT FROM unnest($1::t1[], $2::t2[], ...)``
+  per batch (arrays, one statement, not one per row); with an id column,
+  ``ON CONFLICT (id) DO NOTHING`` as above.
+* ``upsert``: the same statement with ``ON CONFLICT (keys) DO UPDATE`` (or
+  ``DO NOTHING``); repeated keys within a batch are reduced to the latest row
+  first, because one statement may not update a row twice.
+
+A batch that fails because of some of its rows (SQLSTATE class 22 or 23) is
+bisected in savepoints of one transaction: halves are written, the failing
+halves split again until each bad row stands alone. The bad rows are rejected
+with the database's error (they go to the dead-letter target) and the rest
+commits, in about 2·k·log2(n) statements for k bad rows among n.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+from collections.abc import Sequence
+from enum import StrEnum
+from typing import Any
+
+import asyncpg
+from pydantic import Field, model_validator
+
+from connector import ConnectorError, Message, PartialWriteError, RejectedError, Sink
+
+from .catalog import columns as table_columns
+from .catalog import table_exists, unique_keys
+from .connection import (
+    PostgresConnectionConfig,
+    is_row_error,
+    open_connection,
+    open_pool,
+    pg_error_text,
+    quote_ident,
+    quote_table,
+    retryable,
+    split_table,
+)
+from .mapping import ColumnSpec, RowBuilder, Source, default_type, normalize_columns
+
+
+class Mode(StrEnum):
+    copy = "copy"
+    insert = "insert"
+    upsert = "upsert"
+
+
+class OnConflict(StrEnum):
+    update = "update"
+    nothing = "nothing"
+
+
+class PostgresSinkConfig(PostgresConnectionConfig):
+    table: str = Field(description="target table, 'name' or 'schema.name' (quoted as written)")
+    mode: Mode = Field(Mode.copy, description="copy (fastest), insert, or upsert")
+    columns: dict[str, str | ColumnSpec] | None = Field(
+        None, description="column: source, or column: {from: source, type: sql_type}; "
+        "sources: data, data.<path>, subject, key, headers, header.<Name>, id, timestamp. "
+        "Default: id, subject, key, headers, data, timestamp from the parts of those names")
+    key_columns: list[str] = Field(default_factory=list,
+                                   description="upsert: the conflict key (a unique index)")
+    on_conflict: OnConflict = Field(OnConflict.update, description="upsert: update the "
+                                    "existing row, or keep it and skip the new one")
+    update_columns: list[str] | None = Field(
+        None, description="upsert: columns updated on conflict; default every non-key column")
+    version_column: str | None = Field(
+        None, description="upsert: update only when the new row's value here is >= the "
+        "stored one (a redelivered older message does not overwrite newer values)")
+    dedupe: bool = Field(True, description="copy/insert: when a column takes `id`, skip rows "
+                         "whose id is already there (needs a unique index on it)")
+    create_table: bool = Field(False, description="create the table from the mapping if it "
+                               "does not exist")
+
+    @model_validator(mode="after")
+    def _check_mapping(self) -> PostgresSinkConfig:
+        split_table(self.table)
+        mapping = self.mapping()
+        for name in [*self.key_columns, *(self.update_columns or []),
+                     *([self.version_column] if self.version_column else [])]:
+            if name not in mapping:
+                raise ValueError(f"column {name!r} is not in `columns` ({', '.join(mapping)})")
+        if self.mode is Mode.upsert and not self.key_columns:
+            raise ValueError("mode upsert needs key_columns (the columns of a unique index)")
+        if self.mode is not Mode.upsert and (self.key_columns or self.version_column
+                                             or self.update_columns is not None):
+            raise ValueError("key_columns, update_columns and version_column are for "
+                             "mode: upsert")
+        return self
+
+    def mapping(self) -> dict[str, ColumnSpec]:
+        return normalize_columns(self.columns)
+
+
+class PostgresSink(Sink[PostgresSinkConfig]):
+    """PostgreSQL table: COPY, insert or upsert; one transaction per batch; bad rows
+    dead-lettered alone."""
+
+    Config = PostgresSinkConfig
+
+    async def connect(self) -> None:
+        cfg = self.config
+        self._mapping = cfg.mapping()
+        self._names = list(self._mapping)
+        self._schema, self._table = split_table(cfg.table)
+        self._qtable = quote_table(cfg.table)
+        conn = await open_connection(cfg, self.context)
+        try:
+            await self._prepare(conn)
+        except asyncpg.PostgresError as exc:
+            raise ConnectorError(f"postgres sink, table {cfg.table}: {pg_error_text(exc)}"
+                                 ) from None
+        finally:
+            await conn.close()
+        self._pool = await open_pool(cfg, self.context,
+                                     init=self._create_stage if self._stage else None)
+
+    # ------------------------------------------------------------ preparing
+
+    async def _prepare(self, conn: asyncpg.Connection) -> None:
+        cfg = self.config
+        log = self.context.logger
+        if not await table_exists(conn, cfg.table):
+            if not cfg.create_table:
+                raise ConnectorError(f"table {cfg.table} does not exist; create it, or set "
+                                     "create_table: true")
+            # UniqueViolation: another replica created it at the same moment.
+            with contextlib.suppress(asyncpg.UniqueViolationError):
+                await conn.execute(self._create_sql())
+            log.info("created table %s", cfg.table)
+        targets = await table_columns(conn, cfg.table)
+        missing = [c for c in self._names if c not in targets]
+        if missing:
+            raise ConnectorError(f"table {cfg.table} has no column(s) {', '.join(missing)} "
+                                 f"(it has {', '.join(targets)})")
+        self._rows = RowBuilder(self._mapping, targets)
+        keys = await unique_keys(conn, cfg.table)
+        q = quote_ident
+        conflict = ""
+        self._key_positions: list[int] | None = None
+        self._id_column = self._column_of("id")
+        if cfg.mode is Mode.upsert:
+            if frozenset(cfg.key_columns) not in keys:
+                raise ConnectorError(
+                    f"upsert on {cfg.table} needs a unique index or primary key on exactly "
+                    f"({', '.join(cfg.key_columns)}); create one, e.g. CREATE UNIQUE INDEX ON "
+                    f"{self._qtable} ({', '.join(q(k) for k in cfg.key_columns)})")
+            self._key_positions = [self._names.index(k) for k in cfg.key_columns]
+            conflict = f" ON CONFLICT ({', '.join(q(k) for k in cfg.key_columns)}) "
+            update = cfg.update_columns if cfg.update_columns is not None else [
+                c for c in self._names if c not in cfg.key_columns]
+            if cfg.on_conflict is OnConflict.nothing or not update:
+                conflict += "DO NOTHING"
+            else:
+                conflict += "DO UPDATE SET " + ", ".join(
+                    f"{q(c)} = EXCLUDED.{q(c)}" for c in update)
+                if cfg.version_column:
+                    v = q(cfg.version_column)
+                    conflict += f" WHERE t_.{v} IS NULL OR t_.{v} <= EXCLUDED.{v}"
+        elif cfg.dedupe and self._id_column is not None:
+            if frozenset([self._id_column]) not in keys:
+                raise ConnectorError(
+                    f"dedupe: column {self._id_column!r} of {cfg.table} takes the message id "
+                    f"but has no unique index; create one (CREATE UNIQUE INDEX ON "
+                    f"{self._qtable} ({q(self._id_column)})) or set dedupe: false "
+                    "(then a redelivered batch may add duplicate rows)")
+            conflict = f" ON CONFLICT ({q(self._id_column)}) DO NOTHING"
+        else:
+            log.info("postgres sink %s: no id column deduplicates rows; a batch redelivered "
+                     "after a crash may be written twice", cfg.table)
+        cols = ", ".join(q(c) for c in self._names)
+        arrays = ", ".join(f"${i + 1}::{targets[c].sql_type}[]"
+                           for i, c in enumerate(self._names))
+        self._insert_sql = (f"INSERT INTO {self._qtable} AS t_ ({cols}) SELECT * FROM "
+                            f"unnest({arrays}){conflict}")
+        self._stage: str | None = None
+        if cfg.mode is Mode.copy and conflict:
+            digest = hashlib.sha1(cfg.table.encode()).hexdigest()[:12]
+            self._stage = f"natsconn_stage_{digest}"
+            self._stage_sql = (f"CREATE TEMP TABLE IF NOT EXISTS {q(self._stage)} ON COMMIT "
+                               f"DELETE ROWS AS SELECT {cols} FROM {self._qtable} WITH NO DATA")
+            self._from_stage_sql = (f"INSERT INTO {self._qtable} AS t_ ({cols}) SELECT {cols} "
+                                    f"FROM {q(self._stage)}{conflict}")
+
+    def _column_of(self, kind: str) -> str | None:
+        for name, spec in self._mapping.items():
+            if Source.parse(spec.source).kind == kind:
+                return name
+        return None
+
+    def _create_sql(self) -> str:
+        cfg = self.config
+        q = quote_ident
+        lines = [f"{q(name)} {default_type(spec)}" for name, spec in self._mapping.items()]
+        id_column = self._column_of("id")
+        if cfg.mode is Mode.upsert:
+            lines.append(f"PRIMARY KEY ({', '.join(q(k) for k in cfg.key_columns)})")
+        elif cfg.dedupe and id_column is not None:
+            lines.append(f"PRIMARY KEY ({q(id_column)})")
+        return f"CREATE TABLE IF NOT EXISTS {self._qtable} (\n  " + ",\n  ".join(lines) + "\n)"
+
+    async def _create_stage(self, conn: asyncpg.Connection) -> None:
+        await conn.execute(self._stage_sql)
+
+    # -------------------------------------------------------------- writing
+
+    async def write_batch(self, messages: Sequence[Message]) -> None:
+        rows, positions, failed = self._rows.rows(messages)
+        if self._key_positions is not None and rows:
+            rows, positions = self._one_per_key(rows, positions)
+        if rows:
+            try:
+                async with self._pool.acquire(timeout=self.config.connect_timeout) as conn:
+                    try:
+                        await self._write_all(conn, rows)
+                    except Exception as exc:
+                        if not is_row_error(exc):
+                            raise
+                        self.context.logger.info(
+                            "a batch of %d row(s) failed on a row (%s); isolating the bad "
+                            "row(s)", len(rows), pg_error_text(exc))
+                        bad = await self._isolate(conn, rows)
+                        for i, err in bad.items():
+                            failed[positions[i]] = RejectedError(
+                                f"postgres rejected the row: {pg_error_text(err)}")
+            except ConnectorError:
+                raise
+            except Exception as exc:
+                raise retryable(exc, f"postgres write to {self.config.table}") from exc
+        if failed:
+            raise PartialWriteError(failed)
+
+    def _one_per_key(self, rows: list[tuple[Any, ...]], positions: list[int]
+                     ) -> tuple[list[tuple[Any, ...]], list[int]]:
+        """One row per key: the last one for DO UPDATE (latest values win), the first
+        for DO NOTHING (as separate statements would do). The others count as
+        written: their key's surviving row carries the outcome."""
+        assert self._key_positions is not None
+        kp = self._key_positions
+        keep: dict[tuple[Any, ...], int] = {}
+        last_wins = self.config.on_conflict is OnConflict.update
+        for i, row in enumerate(rows):
+            key = tuple(row[p] for p in kp)
+            if last_wins or key not in keep:
+                keep[key] = i
+        if len(keep) == len(rows):
+            return rows, positions
+        chosen = sorted(keep.values())
+        return [rows[i] for i in chosen], [positions[i] for i in chosen]
+
+    async def _write_all(self, conn: asyncpg.Connection, rows: list[tuple[Any, ...]]) -> None:
+        cfg = self.config
+        async with conn.transaction():
+            if cfg.mode is not Mode.copy:
+                await conn.execute(self._insert_sql, *_arrays(rows, len(self._names)))
+            elif self._stage is None:
+                await conn.copy_records_to_table(self._table, schema_name=self._schema,
+                                                 columns=self._names, records=rows)
+            else:
+                await conn.copy_records_to_table(self._stage, columns=self._names,
+                                                 records=rows)
+                await conn.execute(self._from_stage_sql)
+
+    async def _isolate(self, conn: asyncpg.Connection, rows: list[tuple[Any, ...]]
+                       ) -> dict[int, BaseException]:
+        """Write ``rows`` in one transaction, bisecting in savepoints around the
+        rows that fail; returns the failing rows' indices and errors."""
+        bad: dict[int, BaseException] = {}
+        ncols = len(self._names)
+
+        async def attempt(index: list[int], known_bad: bool) -> None:
+            if not known_bad:
+                try:
+                    async with conn.transaction():  # a savepoint
+                        await conn.execute(self._insert_sql,
+                                           *_arrays([rows[i] for i in index], ncols))
+                    return
+                except Exception as exc:
+                    if not is_row_error(exc):
+                        raise
+                    if len(index) == 1:
+                        bad[index[0]] = exc
+                        return
+            mid = len(index) // 2
+            await attempt(index[:mid], False)
+            await attempt(index[mid:], False)
+
+        async with conn.transaction():
+            await attempt(list(range(len(rows))), known_bad=len(rows) > 1)
+        return bad
+
+    async def close(self) -> None:
+        pool = getattr(self, "_pool", None)
+        if pool is not None:
+            try:
+                await asyncio.wait_for(pool.close(), 10)
+            except Exception:
+                pool.terminate()
+
+
+def _arrays(rows: list[tuple[Any, ...]], ncols: int) -> list[list[Any]]:
+    """Rows to one list per column, for ``unnest($1::t[], ...)``."""
+    if not rows:
+        return [[] for _ in range(ncols)]
+    return [list(col) for col in zip(*rows, strict=True)]
