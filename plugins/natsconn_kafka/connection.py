@@ -71,6 +71,9 @@ class KafkaConnectionConfig(PluginConfig):
     username: str | None = Field(None, description="SASL user")
     password: SecretStr | None = Field(None, description="SASL password")
     tls: KafkaTlsConfig | None = Field(None, description="with SSL or SASL_SSL")
+    broker_address_map: dict[str, str] = Field(
+        default_factory=dict, description="advertised host:port -> host:port to connect to "
+        "instead (port-forwards, tunnels, test proxies)")
     connect_timeout: Duration = Field(15.0, gt=0, description="longest wait for the first "
                                       "connection (and, for the source, the group join)")
     request_timeout: Duration = Field(30.0, gt=0, description="longest wait for one broker "
@@ -87,9 +90,15 @@ class KafkaConnectionConfig(PluginConfig):
     @classmethod
     def _host_port(cls, value: list[str]) -> list[str]:
         for server in value:
-            host, sep, port = server.rpartition(":")
-            if not sep or not host or not port.isdigit():
-                raise ValueError(f"expected host:port, found {server!r}")
+            _split(server)
+        return value
+
+    @field_validator("broker_address_map")
+    @classmethod
+    def _map(cls, value: dict[str, str]) -> dict[str, str]:
+        for advertised, actual in value.items():
+            _split(advertised)
+            _split(actual)
         return value
 
     @model_validator(mode="after")
@@ -107,6 +116,36 @@ class KafkaConnectionConfig(PluginConfig):
             raise ValueError("tls is given but security_protocol is "
                              f"{self.security_protocol.value}; use SSL or SASL_SSL")
         return self
+
+
+def _split(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"expected host:port, found {address!r}")
+    return host.strip("[]"), int(port)
+
+
+def map_broker_addresses(client: Any, config: KafkaConnectionConfig) -> None:
+    """Connect to the brokers at ``broker_address_map``'s addresses instead of the
+    ones they advertise. aiokafka looks every broker (and group coordinator) up
+    through ``client.cluster.broker_metadata``; this wraps that one method."""
+    mapping = {_split(k): _split(v) for k, v in config.broker_address_map.items()}
+    if not mapping:
+        return
+    cluster = getattr(client, "cluster", None)
+    original = getattr(cluster, "broker_metadata", None)
+    if original is None:
+        raise ConnectorError("broker_address_map is not supported by this aiokafka version")
+
+    def broker_metadata(node_id: Any) -> Any:
+        broker = original(node_id)
+        if broker is not None:
+            target = mapping.get((broker.host, broker.port))
+            if target is not None:
+                return broker._replace(host=target[0], port=target[1])
+        return broker
+
+    cluster.broker_metadata = broker_metadata
 
 
 def _ssl_context(tls: KafkaTlsConfig | None) -> ssl.SSLContext:

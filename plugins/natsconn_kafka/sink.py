@@ -49,7 +49,12 @@ from connector import (
     Sink,
 )
 
-from .connection import KafkaConnectionConfig, client_options, start_client
+from .connection import (
+    KafkaConnectionConfig,
+    client_options,
+    map_broker_addresses,
+    start_client,
+)
 from .headers import encode_headers, encode_text
 
 # Added with ``metadata_headers: true`` (the names the engine uses on dead letters).
@@ -195,6 +200,7 @@ class KafkaSink(Sink[KafkaSinkConfig]):
 
     async def _start_producer(self) -> AIOKafkaProducer:
         producer = self._new_producer()
+        map_broker_addresses(producer.client, self.config)
         await start_client(producer.start, producer.stop, self.config, "producer")
         return producer
 

@@ -33,7 +33,12 @@ from pydantic import Field, field_validator, model_validator
 
 from connector import Batch, ByteSize, ConnectorError, Duration, Message, RetryableError, Source
 
-from .connection import KafkaConnectionConfig, client_options, start_client
+from .connection import (
+    KafkaConnectionConfig,
+    client_options,
+    map_broker_addresses,
+    start_client,
+)
 from .headers import decode_bytes, decode_headers
 from .offsets import Chunk, PartitionTracker
 
@@ -193,6 +198,8 @@ class KafkaSource(Source[KafkaSourceConfig]):
             **extra,
             **options,
         )
+        # aiokafka has no public handle on the consumer's client.
+        map_broker_addresses(getattr(self._consumer, "_client", None), cfg)
         listener = _Listener(self)
         if cfg.pattern is not None:
             # Kafka matches the whole name, as Java's Pattern.matcher().matches() does.
