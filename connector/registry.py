@@ -46,6 +46,16 @@ def _distribution(ep: metadata.EntryPoint) -> tuple[str, str]:
     return dist.metadata["Name"] or "(unknown package)", dist.version or ""
 
 
+def _single(kind: Kind, name: str, found: list[PluginInfo]) -> PluginInfo:
+    if len(found) > 1:
+        who = " and ".join(f"{i.package} ({i.target})" for i in found)
+        raise PluginLoadError(
+            f"{kind} plugin name {name!r} is registered by more than one package: {who}; "
+            "uninstall one of them"
+        )
+    return found[0]
+
+
 class Registry:
     """Installed plugins by kind and name."""
 
@@ -66,25 +76,25 @@ class Registry:
                 PluginInfo(kind, n, f"{c.__module__}:{c.__qualname__}", c.__module__, "")
                 for n, c in sorted(self._fixed.get(kind, {}).items())
             ]
+        out: list[PluginInfo] = []
+        for name, found in sorted(self._scan(kind).items()):
+            out.append(_single(kind, name, found))
+        return out
+
+    def _scan(self, kind: Kind) -> dict[str, list[PluginInfo]]:
+        """Every registration by name; several per name when packages clash."""
         seen: dict[str, dict[tuple[str, str], PluginInfo]] = defaultdict(dict)
         for ep in metadata.entry_points(group=NAMESPACES[kind]):
             package, version = _distribution(ep)
             seen[ep.name][(package, ep.value)] = PluginInfo(kind, ep.name, ep.value, package,
                                                             version)
-        out: list[PluginInfo] = []
-        for name in sorted(seen):
-            found = list(seen[name].values())
-            if len(found) > 1:
-                who = " and ".join(f"{i.package} ({i.target})" for i in found)
-                raise PluginLoadError(
-                    f"{kind} plugin name {name!r} is registered by more than one package: {who}; "
-                    "uninstall one of them"
-                )
-            out.extend(found)
-        return out
+        return {name: list(by_package.values()) for name, by_package in seen.items()}
 
     def names(self, kind: Kind) -> list[str]:
-        return [i.name for i in self.infos(kind)]
+        """Installed names, clashing ones included (a clash is reported on use)."""
+        if self._fixed is not None:
+            return sorted(self._fixed.get(kind, {}))
+        return sorted(self._scan(kind))
 
     def unknown(self, kind: Kind, name: str) -> str:
         """The sentence for an unknown ``type:``, with the nearest installed name."""
@@ -104,10 +114,12 @@ class Registry:
                 raise PluginLoadError(self.unknown(kind, name))
             self._cache[key] = found
             return found
-        infos = {i.name: i for i in self.infos(kind)}
-        info = infos.get(name)
-        if info is None:
+        # Only a clash on this name matters here: another package's clash must not
+        # stop every pipeline from loading its plugins.
+        found = self._scan(kind).get(name)
+        if not found:
             raise PluginLoadError(self.unknown(kind, name))
+        info = _single(kind, name, found)
         failures: list[BaseException] = []
 
         def on_failure(_manager: object, _ep: object, exc: BaseException) -> None:
