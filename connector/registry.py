@@ -116,10 +116,10 @@ class Registry:
             return found
         # Only a clash on this name matters here: another package's clash must not
         # stop every pipeline from loading its plugins.
-        found = self._scan(kind).get(name)
-        if not found:
+        registered = self._scan(kind).get(name)
+        if not registered:
             raise PluginLoadError(self.unknown(kind, name))
-        info = _single(kind, name, found)
+        info = _single(kind, name, registered)
         failures: list[BaseException] = []
 
         def on_failure(_manager: object, _ep: object, exc: BaseException) -> None:
