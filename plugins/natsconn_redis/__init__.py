@@ -1,0 +1,1 @@
+"""Redis sources and sinks for natsconn: streams, pub/sub, lists and keys."""

@@ -1,0 +1,331 @@
+"""Connection options shared by the seven Redis plugins, and the one connect call.
+
+Every plugin builds its client with :func:`open_link`, so URL parsing, ACL
+credentials, TLS, timeouts and the reconnect policy live here only. A
+:class:`RedisLink` also watches the connection: the first failure of an outage
+counts ``disconnected`` and logs one warning, the first success after it counts
+``reconnected`` and logs how long the outage lasted.
+
+TLS is verified whenever it is configured; there is no switch to turn
+verification off.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+from pydantic import Field, SecretStr, model_validator
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import (
+    AuthenticationError,
+    AuthorizationError,
+    BusyLoadingError,
+    ConnectionError,
+    NoPermissionError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+    TimeoutError,
+)
+
+from connector import (
+    ConnectorError,
+    Duration,
+    PluginConfig,
+    PluginContext,
+    RejectedError,
+    RetryableError,
+)
+
+T = TypeVar("T")
+
+_URL_SCHEMES = ("redis", "rediss", "unix")
+# Error codes after which the same command may well succeed later.
+_TRANSIENT_CODES = frozenset({
+    "BUSY", "CLUSTERDOWN", "LOADING", "MASTERDOWN", "MISCONF", "NOREPLICAS", "OOM",
+    "READONLY", "TRYAGAIN",
+})
+
+
+class TlsConfig(PluginConfig):
+    ca_file: str | None = Field(None, description="CA bundle to verify the server with; "
+                                "the system's CAs when unset")
+    cert_file: str | None = Field(None, description="client certificate (mutual TLS)")
+    key_file: str | None = Field(None, description="client private key (mutual TLS)")
+    check_hostname: bool = Field(True, description="check that the server certificate "
+                                 "names the host connected to")
+
+    @model_validator(mode="after")
+    def _pair(self) -> TlsConfig:
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ValueError("tls: cert_file and key_file go together")
+        return self
+
+
+class ReconnectConfig(PluginConfig):
+    initial_backoff: Duration = Field(0.05, description="first wait before reconnecting")
+    max_backoff: Duration = Field(2.0, description="longest wait between attempts")
+    attempts: int = Field(5, ge=0, description="reconnect attempts per command before the "
+                          "error goes to the engine, which retries with its own backoff")
+
+
+class RedisConnectionConfig(PluginConfig):
+    """Where Redis is and how to talk to it: a URL, or host/port/db."""
+
+    url: str | None = Field(None, description="redis://host:port/db, rediss:// (TLS) or "
+                            "unix:///path?db=N; instead of host/port/db")
+    host: str = "127.0.0.1"
+    port: int = Field(6379, ge=1, le=65535)
+    db: int = Field(0, ge=0)
+    username: str | None = Field(None, description="ACL user; 'default' when only a "
+                                 "password is given")
+    password: SecretStr | None = None
+    tls: TlsConfig | None = Field(None, description="TLS options; a rediss:// URL turns TLS "
+                                  "on by itself")
+    client_name: str | None = Field(None, description="CLIENT SETNAME; defaults to "
+                                    "natsconn:<pipeline>:<role>")
+    connect_timeout: Duration = Field(5.0, gt=0)
+    socket_timeout: Duration = Field(10.0, gt=0, description="longest wait for a reply; "
+                                     "blocking reads wait at most half of it")
+    health_check_interval: Duration = Field(30.0, description="PING a connection idle this "
+                                            "long before using it; 0 turns it off")
+    reconnect: ReconnectConfig = Field(default_factory=ReconnectConfig)
+
+    @model_validator(mode="after")
+    def _url(self) -> RedisConnectionConfig:
+        if self.url is None:
+            return self
+        clash = {"host", "port", "db"} & self.model_fields_set
+        if clash:
+            raise ValueError(f"give either url or {'/'.join(sorted(clash))}, not both")
+        parts = urlsplit(self.url)
+        if parts.scheme not in _URL_SCHEMES:
+            raise ValueError(f"expected a redis://, rediss:// or unix:// URL, found "
+                             f"scheme {parts.scheme!r}")
+        if parts.password and self.password is not None:
+            raise ValueError("the password is given twice: in url and in password")
+        if parts.scheme == "unix" and self.tls is not None:
+            raise ValueError("tls options need a redis:// or rediss:// URL, not unix://")
+        return self
+
+    def describe(self) -> str:
+        """The server's address for messages, never with credentials."""
+        if self.url is None:
+            return f"{self.host}:{self.port}/{self.db}"
+        parts = urlsplit(self.url)
+        if parts.scheme == "unix":
+            return f"unix:{parts.path}"
+        host = parts.hostname or "localhost"
+        port = parts.port or 6379
+        db = parts.path.strip("/") or "0"
+        return f"{host}:{port}/{db}"
+
+    def user(self) -> str:
+        if self.username:
+            return self.username
+        if self.url is not None:
+            name = urlsplit(self.url).username
+            if name:
+                return name
+        return "default"
+
+
+class RedisLink:
+    """A client (its connection pool) and the connection state behind the meters."""
+
+    def __init__(self, config: RedisConnectionConfig, context: PluginContext) -> None:
+        self.config = config
+        self.context = context
+        self.where = config.describe()
+        self.down_since: float | None = None
+        self.client: Redis = _make_client(config, context, self)
+
+    # -- connection state -------------------------------------------------------
+
+    def lost(self, exc: BaseException) -> None:
+        """A command failed on the connection; counted once per outage."""
+        if self.down_since is not None:
+            return
+        self.down_since = time.monotonic()
+        self.context.meters.disconnected()
+        self.context.logger.warning("redis at %s: connection lost (%s); reconnecting",
+                                    self.where, _reason(exc))
+
+    def restored(self) -> None:
+        """A command succeeded; ends an outage if there was one."""
+        if self.down_since is None:
+            return
+        outage = time.monotonic() - self.down_since
+        self.down_since = None
+        self.context.meters.reconnected()
+        self.context.logger.info("redis at %s: reconnected after %.1fs", self.where, outage)
+
+    # -- lifecycle --------------------------------------------------------------
+
+    async def check(self) -> None:
+        """Connect and authenticate now, so that a bad address or password is one
+        clear error from ``connect()`` rather than a failure on the first read."""
+        try:
+            await self.client.ping()
+        except NoPermissionError:
+            return  # authenticated, but the ACL forbids PING: that is fine
+        except Exception as exc:
+            await self.close()
+            raise connect_error(self.config, exc) from None
+
+    async def close(self) -> None:
+        try:
+            await self.client.aclose()
+        except Exception as exc:
+            self.context.logger.debug("closing redis client: %s", exc)
+
+
+class _WatchedRetry(Retry):
+    """redis-py's retry with backoff, which also tells the link about failures.
+
+    Authentication errors are never retried: a wrong password stays wrong.
+    The same instance serves every connection of the pool (no deep copies), so
+    the link sees the whole client.
+    """
+
+    def __init__(self, link: RedisLink, reconnect: ReconnectConfig) -> None:
+        backoff = ExponentialWithJitterBackoff(base=reconnect.initial_backoff,
+                                               cap=reconnect.max_backoff)
+        super().__init__(backoff, reconnect.attempts, (ConnectionError, TimeoutError))
+        self._link = link
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _WatchedRetry:
+        return self
+
+    async def call_with_retry(
+        self,
+        do: Callable[[], Awaitable[T]],
+        fail: Callable[..., Any],
+        is_retryable: Callable[[Exception], bool] | None = None,
+        with_failure_count: bool = False,
+    ) -> T:
+        link = self._link
+
+        def retryable(exc: Exception) -> bool:
+            if isinstance(exc, AuthenticationError | AuthorizationError):
+                return False
+            return is_retryable is None or is_retryable(exc)
+
+        async def failed(*args: Any) -> None:
+            link.lost(args[0])
+            result = fail(*args)
+            if inspect.isawaitable(result):
+                await result
+
+        try:
+            value = await super().call_with_retry(do, failed, retryable, with_failure_count)
+        except (ConnectionError, TimeoutError) as exc:
+            if not isinstance(exc, AuthenticationError | AuthorizationError):
+                link.lost(exc)
+            raise
+        link.restored()
+        return value
+
+
+def _make_client(config: RedisConnectionConfig, context: PluginContext,
+                 link: RedisLink) -> Redis:
+    kwargs: dict[str, Any] = {
+        "socket_connect_timeout": config.connect_timeout,
+        "socket_timeout": config.socket_timeout,
+        "socket_keepalive": True,
+        "health_check_interval": int(config.health_check_interval),
+        "client_name": config.client_name or _client_name(context),
+        "retry": _WatchedRetry(link, config.reconnect),
+        "decode_responses": False,
+        "protocol": 2,
+    }
+    if config.username:
+        kwargs["username"] = config.username
+    if config.password is not None:
+        kwargs["password"] = config.password.get_secret_value()
+    tls = config.tls
+    if tls is not None:
+        kwargs.update(ssl=True, ssl_ca_certs=tls.ca_file, ssl_certfile=tls.cert_file,
+                      ssl_keyfile=tls.key_file, ssl_check_hostname=tls.check_hostname,
+                      ssl_cert_reqs="required")
+    if config.url is not None:
+        # With a URL the scheme picks the connection class: a tls block upgrades
+        # redis:// to rediss://, and unix sockets take no TCP options.
+        url = config.url
+        kwargs.pop("ssl", None)
+        scheme = urlsplit(url).scheme
+        if scheme == "redis" and tls is not None:
+            url = "rediss" + url[len("redis"):]
+        elif scheme == "unix":
+            kwargs.pop("socket_keepalive")
+        return Redis.from_url(url, **kwargs)
+    return Redis(host=config.host, port=config.port, db=config.db, **kwargs)
+
+
+def _client_name(context: PluginContext) -> str:
+    name = f"natsconn:{context.pipeline}:{context.role}"
+    return "".join(c if c.isprintable() and not c.isspace() else "_" for c in name)
+
+
+async def open_link(config: RedisConnectionConfig, context: PluginContext) -> RedisLink:
+    """A checked connection: raises at once on a wrong address or password."""
+    link = RedisLink(config, context)
+    await link.check()
+    return link
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def connect_error(config: RedisConnectionConfig, exc: BaseException) -> ConnectorError:
+    """What ``connect()`` raises: not retryable for credentials, retryable otherwise."""
+    where = config.describe()
+    text = str(exc).strip()
+    if isinstance(exc, AuthenticationError) or text.startswith(("WRONGPASS", "NOAUTH")):
+        return ConnectorError(
+            f"redis at {where}: authentication failed for user {config.user()!r}: "
+            f"{text or type(exc).__name__}")
+    if isinstance(exc, ConnectionError | TimeoutError | OSError):
+        return RetryableError(f"cannot connect to redis at {where}: {_reason(exc)}")
+    return ConnectorError(f"redis at {where}: {_reason(exc)}")
+
+
+def is_connection_error(exc: BaseException) -> bool:
+    return isinstance(exc, ConnectionError | TimeoutError | OSError)
+
+
+def command_error(exc: BaseException) -> RetryableError | RejectedError:
+    """One command's failure as the engine's kind: retry, or poison for this message."""
+    if isinstance(exc, RetryableError | RejectedError):
+        return exc
+    if is_connection_error(exc) or isinstance(exc, BusyLoadingError):
+        return RetryableError(f"redis: {_reason(exc)}")
+    if isinstance(exc, OutOfMemoryError | ReadOnlyError):
+        return RetryableError(f"redis: {_reason(exc)}")
+    text = str(exc).strip()
+    code = text.split(" ", 1)[0]
+    if code in _TRANSIENT_CODES:
+        return RetryableError(f"redis: {text}")
+    if isinstance(exc, ResponseError):
+        return RejectedError(f"redis refused the command: {text}")
+    if isinstance(exc, RedisError):
+        return RetryableError(f"redis: {_reason(exc)}")
+    return RetryableError(f"redis client: {_reason(exc)}")
+
+
+def read_error(link: RedisLink, exc: BaseException, what: str) -> ConnectorError:
+    """A failure while reading or acknowledging, for a source."""
+    if is_connection_error(exc) or isinstance(exc, BusyLoadingError):
+        return RetryableError(f"redis at {link.where}: {what}: {_reason(exc)}")
+    if isinstance(exc, ResponseError) and str(exc).split(" ", 1)[0] in _TRANSIENT_CODES:
+        return RetryableError(f"redis at {link.where}: {what}: {exc}")
+    return ConnectorError(f"redis at {link.where}: {what}: {_reason(exc)}")

@@ -1,0 +1,251 @@
+"""The ``redis_list`` source: a reliable queue on a Redis list.
+
+Delivery is at least once. Each element is moved atomically from the queue
+into this consumer's own processing list (LMOVE/BLMOVE), and removed from
+there (LREM) only once the sink confirmed it. A batch is moved by one Lua
+call, so a read costs one round trip; when the queue is empty the read blocks
+on BLMOVE for at most the engine's wait.
+
+Nothing moved is lost:
+
+* ``nack`` puts the batch's elements back at the front of the queue (the end
+  that is popped), oldest first in line, at once (the delay is not honoured);
+* at start, elements left in this consumer's processing list by an earlier
+  run under the same name go back to the front of the queue, so they are the
+  first read again;
+* each consumer keeps a liveness key (``<processing list>:alive``, expiring
+  after ``lease``) fresh while it runs. Every ``claim_interval`` the others
+  look for processing lists whose liveness key is gone (a replica that died
+  for good, a pod with a random name) and put their elements back, atomically.
+
+Elements are payloads only: no headers, key or id. Two equal elements are
+interchangeable: acknowledging one removes one of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from pydantic import Field, field_validator, model_validator
+
+from connector import Batch, Duration, Message, Source
+
+from .connection import RedisConnectionConfig, RedisLink, open_link, read_error
+from .list_sink import Side
+
+# KEYS: queue, processing. ARGV: count, side to pop. Moves up to count elements.
+_MOVE_SOME = """
+local out = {}
+for i = 1, tonumber(ARGV[1]) do
+  local v = redis.call('LMOVE', KEYS[1], KEYS[2], ARGV[2], 'LEFT')
+  if not v then break end
+  out[i] = v
+end
+return out
+"""
+# KEYS: processing, queue, liveness key. ARGV: side to push, '1' to check liveness.
+# Moves every element back, newest first, so the oldest ends up next in line.
+_RETURN_ALL = """
+if ARGV[2] == '1' and redis.call('EXISTS', KEYS[3]) == 1 then return -1 end
+local n = 0
+while redis.call('LMOVE', KEYS[1], KEYS[2], 'LEFT', ARGV[1]) do n = n + 1 end
+return n
+"""
+# KEYS: processing, queue. ARGV: side to push, then the elements, oldest first.
+# Only elements still in the processing list go back (no duplicates).
+_NACK = """
+local n = 0
+for i = #ARGV, 2, -1 do
+  if redis.call('LREM', KEYS[1], -1, ARGV[i]) == 1 then
+    if ARGV[1] == 'LEFT' then redis.call('LPUSH', KEYS[2], ARGV[i])
+    else redis.call('RPUSH', KEYS[2], ARGV[i]) end
+    n = n + 1
+  end
+end
+return n
+"""
+_GLOB_SPECIAL = re.compile(r"([*?\[\]\\])")
+
+
+class RedisListSourceConfig(RedisConnectionConfig):
+    key: str = Field(min_length=1, description="the queue: a list key")
+    consumer: str | None = Field(None, description="this replica's name; default the "
+                                 "instance (host or pod) name")
+    pop: Side = Field(Side.right, description="end of the queue to take from: right "
+                      "pairs with producers that LPUSH (the redis_list sink's default)")
+    processing_list: str = Field("{key}:processing:{consumer}", description="this "
+                                 "consumer's processing list; must contain {consumer}")
+    lease: Duration = Field(30.0, gt=0, description="a consumer silent this long is "
+                            "presumed dead and its processing list recovered")
+    recover_orphans: bool = Field(True, description="put back the elements of dead "
+                                  "consumers' processing lists")
+    claim_interval: Duration = Field(10.0, gt=0, description="how often to look for them")
+
+    @field_validator("processing_list")
+    @classmethod
+    def _consumer_part(cls, value: str) -> str:
+        if "{consumer}" not in value:
+            raise ValueError("processing_list must contain {consumer}, so that each "
+                             "replica has its own")
+        return value
+
+    @model_validator(mode="after")
+    def _not_queue(self) -> RedisListSourceConfig:
+        if self.processing_list.replace("{key}", self.key) == self.key:
+            raise ValueError("processing_list must differ from key")
+        return self
+
+
+class ListAck:
+    __slots__ = ("_source", "_values")
+
+    def __init__(self, source: RedisListSource, values: list[bytes]) -> None:
+        self._source = source
+        self._values = values
+
+    async def ack(self) -> None:
+        await self._source._remove(self._values)
+
+    async def nack(self, delay: float | None = None) -> None:
+        await self._source._give_back(self._values)
+
+    async def term(self, reason: str) -> None:
+        await self._source._remove(self._values)  # the engine has logged why
+
+    async def in_progress(self) -> None:
+        return None
+
+
+class RedisListSource(Source[RedisListSourceConfig]):
+    """A Redis list as a reliable queue: BLMOVE, then LREM after the sink confirmed."""
+
+    Config = RedisListSourceConfig
+
+    async def connect(self) -> None:
+        cfg = self.config
+        self._consumer = cfg.consumer or self.context.instance
+        self._processing = self._list_name(self._consumer)
+        self._alive = self._processing + ":alive"
+        self._pop = cfg.pop.value.upper()
+        self._block_cap = cfg.socket_timeout / 2
+        self._link: RedisLink = await open_link(cfg, self.context)
+        r = self._r = self._link.client
+        self._move_some = r.register_script(_MOVE_SOME)
+        self._return_all = r.register_script(_RETURN_ALL)
+        self._nack_script = r.register_script(_NACK)
+        try:
+            await self._beat()
+            back = await self._return_all(
+                keys=[self._processing, cfg.key, self._alive], args=[self._pop, "0"])
+        except Exception as exc:
+            await self._link.close()
+            raise read_error(self._link, exc, f"recovering {self._processing!r}") from None
+        if back:
+            self.context.logger.warning(
+                "redis: %d element(s) left in %s by an earlier run went back to the front "
+                "of %s", back, self._processing, cfg.key)
+        self._task = asyncio.create_task(self._keep_alive(), name="redis-list-lease")
+
+    def _list_name(self, consumer: str) -> str:
+        return (self.config.processing_list.replace("{key}", self.config.key)
+                .replace("{consumer}", consumer))
+
+    # -- liveness and orphans ---------------------------------------------------
+
+    async def _beat(self) -> None:
+        await self._r.set(self._alive, self._consumer, px=max(1, int(self.config.lease * 1000)))
+
+    async def _keep_alive(self) -> None:
+        cfg = self.config
+        beat_every = cfg.lease / 3
+        loop = asyncio.get_running_loop()
+        next_scan = loop.time() if cfg.recover_orphans else float("inf")
+        while True:
+            try:
+                await self._beat()
+                if loop.time() >= next_scan:
+                    next_scan = loop.time() + cfg.claim_interval
+                    await self._recover_orphans()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.context.logger.debug("redis list lease: %s", exc)
+            await asyncio.sleep(min(beat_every, max(0.05, next_scan - loop.time())))
+
+    async def _recover_orphans(self) -> None:
+        cfg = self.config
+        pattern = (cfg.processing_list.replace("{key}", _GLOB_SPECIAL.sub(r"\\\1", cfg.key))
+                   .replace("{consumer}", "*"))
+        async for raw in self._r.scan_iter(match=pattern, count=200, _type="list"):
+            name = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+            if name == self._processing:
+                continue
+            moved = await self._return_all(keys=[name, cfg.key, name + ":alive"],
+                                           args=[self._pop, "1"])
+            if isinstance(moved, int) and moved > 0:
+                self.context.logger.warning(
+                    "redis: %d element(s) of %s, whose consumer is gone, went back to %s",
+                    moved, name, cfg.key)
+
+    # -- reading ----------------------------------------------------------------
+
+    async def read_batch(self, max_messages: int, max_wait: float) -> Batch | None:
+        cfg = self.config
+        keys = [cfg.key, self._processing]
+        try:
+            values: list[bytes] = await self._move_some(keys=keys, args=[max_messages, self._pop])
+            if not values:
+                wait = min(max_wait, self._block_cap)
+                if wait <= 0:
+                    return None
+                first: Any = await self._r.execute_command(  # type: ignore[no-untyped-call]
+                    "BLMOVE", cfg.key, self._processing, self._pop, "LEFT",
+                    max(0.01, round(wait, 3)))  # 0 would block for ever
+                if first is None:
+                    return None
+                values = [first]
+                if max_messages > 1:
+                    values += await self._move_some(keys=keys, args=[max_messages - 1, self._pop])
+        except Exception as exc:
+            raise read_error(self._link, exc, f"reading {cfg.key!r}") from None
+        key = cfg.key
+        return Batch([Message(v, key) for v in values], ListAck(self, values))
+
+    # -- acknowledging ----------------------------------------------------------
+
+    async def _remove(self, values: Sequence[bytes]) -> None:
+        try:
+            pipe = self._r.pipeline(transaction=False)
+            for v in values:
+                pipe.execute_command("LREM", self._processing, -1, v)
+            await pipe.execute()
+        except Exception as exc:
+            raise read_error(self._link, exc, f"LREM from {self._processing!r}") from None
+
+    async def _give_back(self, values: Sequence[bytes]) -> None:
+        try:
+            await self._nack_script(keys=[self._processing, self.config.key],
+                                    args=[self._pop, *values])
+        except Exception as exc:
+            raise read_error(self._link, exc, f"returning to {self.config.key!r}") from None
+
+    async def close(self) -> None:
+        task = getattr(self, "_task", None)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        link = getattr(self, "_link", None)
+        if link is None:
+            return
+        with contextlib.suppress(Exception):
+            # Let the others recover at once whatever is still ours.
+            if await self._r.llen(self._processing):
+                await self._r.delete(self._alive)
+            else:
+                await self._r.delete(self._alive, self._processing)
+        await link.close()
