@@ -38,9 +38,59 @@ def _inline(schema: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+# Any value may be written as a reference that the loader expands first; without
+# this an editor flags `count: ${COUNT:-100}` as "not an integer".
+_REFERENCE: dict[str, Any] = {
+    "type": "string",
+    "pattern": r"\$\{[^}]*\}",
+    "description": "a ${VAR}, ${VAR:-default} or ${file:/path} reference, expanded on load",
+}
+_META = ("title", "description", "default")
+
+
+def _branches(node: dict[str, Any]) -> list[dict[str, Any]]:
+    for key in ("anyOf", "oneOf"):
+        if key in node:
+            return [b for sub in node[key] for b in _branches(sub)]
+    return [node]
+
+
+def _wants_reference(node: dict[str, Any]) -> bool:
+    """A scalar field that a plain ``${VAR}`` string would not satisfy."""
+    branches = _branches(node)
+    for b in branches:
+        if b.get("type") in ("object", "array") or "properties" in b:
+            return False
+        if "type" not in b and "const" not in b and "enum" not in b:
+            return False  # unconstrained: anything goes already
+    return not any(b.get("type") == "string" and not {"pattern", "enum", "const", "format"}
+                   & b.keys() for b in branches)
+
+
+def _allow_references(node: Any) -> None:
+    """Let every scalar option also be a ``${...}`` reference (in place)."""
+    if isinstance(node, list):
+        for item in node:
+            _allow_references(item)
+        return
+    if not isinstance(node, dict):
+        return
+    for value in node.values():
+        _allow_references(value)
+    props = node.get("properties")
+    if isinstance(props, dict):
+        for name, prop in props.items():
+            if isinstance(prop, dict) and "const" not in prop and _wants_reference(prop):
+                meta = {k: prop[k] for k in _META if k in prop}
+                body = {k: v for k, v in prop.items() if k not in meta}
+                choices = body["anyOf"] if list(body) == ["anyOf"] else [body]
+                props[name] = {**meta, "anyOf": [*choices, _REFERENCE]}
+
+
 def plugin_schema(kind: Kind, name: str, registry: Registry) -> dict[str, Any]:
     cls = registry.load(kind, name)
     schema = _inline(cls.Config.model_json_schema())
+    _allow_references(schema)
     props = {"type": {"const": name, "description": cls.description()}}
     props.update(schema.get("properties", {}))
     return {
@@ -66,6 +116,7 @@ def build_schemas(registry: Registry, package: str | None = None) -> dict[str, d
             files[f"{folder}/{info.name}.json"] = schema
             choices[kind].append(schema)
     top = _inline(FileSpec.model_json_schema())
+    _allow_references(top)  # before the plugin schemas go in: they have had it
     top["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     top["title"] = "natsconn pipeline file"
     pipe = top["properties"]["pipelines"]["items"]["properties"]
