@@ -108,7 +108,7 @@ def test_kinds_are_separate_namespaces() -> None:
 def test_plugin_make_test_instance_validates_options() -> None:
     cls = Registry().load("source", "generate")
     source = cls.make_test_instance(count=3, size=64)
-    assert source.config.count == 3  # type: ignore[attr-defined]
+    assert source.config.count == 3
     assert source.context.pipeline == "test"
     with pytest.raises(ValidationError):
         cls.make_test_instance(count="many")
