@@ -132,7 +132,7 @@ def map_broker_addresses(client: Any, config: KafkaConnectionConfig) -> None:
     mapping = {_split(k): _split(v) for k, v in config.broker_address_map.items()}
     if not mapping:
         return
-    cluster = getattr(client, "cluster", None)
+    cluster: Any = getattr(client, "cluster", None)
     original = getattr(cluster, "broker_metadata", None)
     if original is None:
         raise ConnectorError("broker_address_map is not supported by this aiokafka version")
@@ -242,6 +242,8 @@ async def start_client(
                       + (f" ({_cause(lines, exc)})" if lines else ""))
         else:
             reason = _cause(lines, exc)
+        if len(config.bootstrap_servers) == 1:
+            reason = reason.removeprefix(f"{config.bootstrap_servers[0]}: ")
         with contextlib.suppress(Exception):  # the start error is the one worth reporting
             await stop()
         raise RetryableError(f"cannot start Kafka {what} at {servers}: {reason}") from None
