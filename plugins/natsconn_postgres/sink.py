@@ -276,9 +276,12 @@ class PostgresSink(Sink[PostgresSinkConfig]):
         rows that fail; returns the failing rows' indices and errors."""
         bad: dict[int, BaseException] = {}
         ncols = len(self._names)
+        statements = 0
 
         async def attempt(index: list[int], known_bad: bool) -> None:
+            nonlocal statements
             if not known_bad:
+                statements += 1
                 try:
                     async with conn.transaction():  # a savepoint
                         await conn.execute(self._insert_sql,
@@ -296,6 +299,9 @@ class PostgresSink(Sink[PostgresSinkConfig]):
 
         async with conn.transaction():
             await attempt(list(range(len(rows))), known_bad=len(rows) > 1)
+        self.context.logger.warning(
+            "postgres sink %s: isolated %d bad row(s) among %d in %d statement(s); the "
+            "others are committed", self.config.table, len(bad), len(rows), statements)
         return bad
 
     async def close(self) -> None:
