@@ -325,16 +325,26 @@ class Pipeline:
             await self._unwritten(batch)
 
     async def _sink_write(self, messages: Sequence[Message]) -> None:
+        await self._before_deadline(self.sink, messages)
+
+    async def _before_deadline(self, sink: Sink, messages: Sequence[Message]) -> None:  # type: ignore[type-arg]
+        """``sink.write_batch``, abandoned with :class:`_Stopped` at the shutdown deadline.
+
+        A TimeoutError the sink raises itself (a publish ack that timed out) is a
+        failure to retry, not the deadline: only the clock tells them apart.
+        """
         if self._deadline is None:
-            await self.sink.write_batch(messages)
+            await sink.write_batch(messages)
             return
         left = self._deadline - time.monotonic()
         if left <= 0:
             raise _Stopped
         try:
-            await asyncio.wait_for(self.sink.write_batch(messages), left)
+            await asyncio.wait_for(sink.write_batch(messages), left)
         except TimeoutError:
-            raise _Stopped from None
+            if time.monotonic() >= self._deadline:
+                raise _Stopped from None
+            raise
 
     async def _written(self, batch: SinkBatch, indices: Sequence[int] | range) -> None:
         if len(indices) == len(batch) and batch.claim_all():  # the common case
@@ -423,24 +433,44 @@ class Pipeline:
             letters.append(Message(m.data, m.subject, m.key, headers, m.timestamp, m.id))
         backoff = Backoff(self._retry.initial_backoff, self._retry.max_backoff,
                           self._retry.multiplier)
-        while True:
+        todo = list(range(len(letters)))  # positions in ``letters`` / ``failed``
+        refused: list[tuple[int, Exception]] = []
+        while todo:
+            retry: list[int] = []
             try:
-                left = None if self._deadline is None else self._deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    raise _Stopped
-                await asyncio.wait_for(self.dead_letter.write_batch(letters), left)
-                break
-            except TimeoutError:
-                raise _Stopped from None
+                await self._before_deadline(self.dead_letter, [letters[j] for j in todo])
             except _Stopped:
                 raise
+            except PartialWriteError as exc:
+                known = {k: e for k, e in exc.failed.items() if 0 <= k < len(todo)}
+                refused += [(todo[k], e) for k, e in known.items()
+                            if isinstance(e, RejectedError)]
+                retry = [todo[k] for k, e in known.items() if not isinstance(e, RejectedError)]
+                last: Exception = exc
+            except RejectedError as exc:
+                refused += [(j, exc) for j in todo]
             except Exception as exc:
-                wait = backoff.next(getattr(exc, "retry_after", None))
-                self.log.error("dead-letter write failed, retrying in %.2fs: %s", wait, exc)
+                retry, last = todo, exc
+            todo = retry
+            if todo:
+                wait = backoff.next(getattr(last, "retry_after", None))
+                self.log.error("dead-letter write failed, retrying in %.2fs: %s", wait, last)
                 await self._sleep_or_deadline(wait)
-        self.metrics.dead_lettered.inc(len(letters))
-        self.log.warning("%d message(s) dead-lettered (%s): %s", len(letters), kind,
-                         failed[0][1], extra={"pipeline": self.name})
+        for j, why in refused:
+            # The last resort refuses it too (too large for it as well, say): a retry
+            # cannot help and would hold the batch for ever. Terminate it at the source.
+            i, error = failed[j]
+            self.log.error("the dead_letter target refused a message; terminating it at the "
+                           "source: %s", why, extra={"pipeline": self.name,
+                                                     "source_id": batch.messages[i].id})
+            batch.owner(i).terminate(f"{kind}: {error}; the dead_letter target refused it: "
+                                     f"{why}")
+        self.metrics.rejected_unrouted.inc(len(refused))
+        written = len(letters) - len(refused)
+        if written:
+            self.metrics.dead_lettered.inc(written)
+            self.log.warning("%d message(s) dead-lettered (%s): %s", written, kind,
+                             failed[0][1], extra={"pipeline": self.name})
         await self._resolve(batch, batch.claim([i for i, _ in failed]))
 
     # ---------------------------------------------------------- drain & abort

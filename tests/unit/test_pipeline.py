@@ -542,3 +542,97 @@ async def test_shutdown_deadline_is_not_logged_as_a_failed_write(
     await asyncio.wait_for(task, 2)
     assert ack.settlements in ([], [("nack", None)])
     assert "write task failed" not in caplog.text
+
+
+async def test_dead_letter_target_refusing_a_message_terminates_it_and_goes_on() -> None:
+    pipe = make_pipeline(batch={"max_messages": 2, "max_wait": "1ms"},
+                         dead_letter={"type": "fake"})
+    source, sink = parts(pipe)
+
+    async def poison_first(messages: Sequence[Message], attempt: int) -> None:
+        if messages[0].id == "id-0":
+            raise PartialWriteError({0: RejectedError("too large for the sink")})
+
+    async def dlq_refuses(messages: Sequence[Message], attempt: int) -> None:
+        raise RejectedError("too large for the dead-letter target too")
+
+    sink.behaviour = poison_first
+    dlq(pipe).behaviour = dlq_refuses
+    first = source.feed([msg(0), msg(1)])
+    second = source.feed([msg(2), msg(3)])
+    await finish(pipe)
+    assert len(dlq(pipe).attempts) == 1, "a refusal by the dead-letter target is final"
+    [(kind, reason)] = first.settlements
+    assert kind == "term"
+    assert "too large" in reason
+    assert second.settlements == [("ack", None)]
+    assert sample("natsconn_rejected_without_dead_letter_total", pipe) == 1
+
+
+async def test_a_timeout_raised_by_the_dead_letter_sink_is_retried_not_a_shutdown() -> None:
+    pipe = make_pipeline(batch={"max_messages": 1, "max_wait": "1ms"},
+                         dead_letter={"type": "fake"})
+    source, sink = parts(pipe)
+
+    async def reject(messages: Sequence[Message], attempt: int) -> None:
+        raise RejectedError("poison")
+
+    async def dlq_times_out_once(messages: Sequence[Message], attempt: int) -> None:
+        if attempt == 1:
+            raise TimeoutError("publish ack timed out")
+
+    sink.behaviour = reject
+    dlq(pipe).behaviour = dlq_times_out_once
+    ack = source.feed([msg(0)])
+    await finish(pipe)
+    assert len(dlq(pipe).attempts) == 2
+    assert [m.id for m in dlq(pipe).written] == ["id-0"]
+    assert ack.settlements == [("ack", None)]
+
+
+async def test_a_timeout_raised_by_the_sink_during_a_stop_is_retried() -> None:
+    pipe = make_pipeline(batch={"max_messages": 1, "max_wait": "1ms"}, max_in_flight=1)
+    source, sink = parts(pipe)
+    gate = asyncio.Event()
+
+    async def behaviour(messages: Sequence[Message], attempt: int) -> None:
+        if attempt == 1:
+            await gate.wait()  # the first batch holds the only slot
+        elif attempt == 2:
+            raise TimeoutError("flush timed out")  # the sink's own timeout, not the deadline
+
+    sink.behaviour = behaviour
+    task = asyncio.create_task(pipe.run())
+    first = source.feed([msg(0)])
+    second = source.feed([msg(1)])
+    await until(lambda: sink.active == 1 and source.read_messages == 2)
+    pipe.stop(time.monotonic() + 5)  # the second batch is written in the drain, under it
+    gate.set()
+    await asyncio.wait_for(task, 5)
+    assert first.settlements == [("ack", None)]
+    assert second.settlements == [("ack", None)]
+    assert [[m.id for m in a] for a in sink.attempts] == [["id-0"], ["id-1"], ["id-1"]]
+
+
+async def test_dead_letter_partial_refusal_terminates_only_what_was_refused() -> None:
+    pipe = make_pipeline(batch={"max_messages": 3, "max_wait": "1ms"},
+                         dead_letter={"type": "fake"})
+    source, sink = parts(pipe)
+
+    async def reject_all(messages: Sequence[Message], attempt: int) -> None:
+        raise RejectedError("schema mismatch")
+
+    async def dlq_partial(messages: Sequence[Message], attempt: int) -> None:
+        if attempt == 1:  # of three letters: one refused, one to retry, one written
+            raise PartialWriteError({0: RejectedError("too large"),
+                                     2: RetryableError("busy")})
+
+    sink.behaviour = reject_all
+    dlq(pipe).behaviour = dlq_partial
+    ack = source.feed([msg(0), msg(1), msg(2)])
+    await finish(pipe)
+    assert [[m.id for m in a] for a in dlq(pipe).attempts] == [
+        ["id-0", "id-1", "id-2"], ["id-2"]]
+    [(kind, reason)] = ack.settlements
+    assert kind == "term" and "too large" in reason
+    assert sample("natsconn_dead_lettered_total", pipe) == 2
