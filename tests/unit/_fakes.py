@@ -237,14 +237,6 @@ class KeepOneInTen(Transform[KeepOneInTenConfig]):
         return message if int((message.id or "0").rsplit("-", 1)[-1]) % 10 == 0 else None
 
 
-REGISTRY = Registry.make_test_instance({
-    "source": {"fake": FakeSource},
-    "sink": {"fake": FakeSink},
-    "transform": {"drop_odd": DropOdd, "reject_bad": RejectBad, "split": Split,
-                  "keep_one_in_ten": KeepOneInTen},
-})
-
-
 def unique(prefix: str = "p") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
@@ -281,3 +273,26 @@ async def until(predicate: Callable[[], bool], timeout: float = 5.0,
             await asyncio.sleep(step)
 
     await asyncio.wait_for(loop(), timeout)
+
+
+class ExplodeConfig(PluginConfig):
+    pass
+
+
+class Explode(Transform[ExplodeConfig]):
+    """A buggy transform: raises on a message whose data is ``boom``."""
+
+    Config = ExplodeConfig
+
+    def process_one(self, message: Message) -> Message:
+        if message.data == b"boom":
+            raise ValueError("transform bug")
+        return message
+
+
+REGISTRY = Registry.make_test_instance({
+    "source": {"fake": FakeSource},
+    "sink": {"fake": FakeSink},
+    "transform": {"drop_odd": DropOdd, "reject_bad": RejectBad, "split": Split,
+                  "keep_one_in_ten": KeepOneInTen, "explode": Explode},
+})

@@ -636,3 +636,46 @@ async def test_dead_letter_partial_refusal_terminates_only_what_was_refused() ->
     [(kind, reason)] = ack.settlements
     assert kind == "term" and "too large" in reason
     assert sample("natsconn_dead_lettered_total", pipe) == 2
+
+
+async def test_a_transform_bug_fails_the_run_and_nacks_the_batch() -> None:
+    pipe = make_pipeline(transforms=[{"type": "explode"}],
+                         batch={"max_messages": 10, "max_wait": "10s"})
+    source, sink = parts(pipe)
+    good = source.feed([msg(0)])
+    bad = source.feed([Message(b"boom", "in.1", id="id-1")])
+    with pytest.raises(ValueError, match="transform bug"):
+        await asyncio.wait_for(pipe.run(), 2)
+    assert pipe.state is PipelineState.FAILED
+    assert good.settlements == [("nack", None)]  # read, never written
+    assert bad.settlements == [("nack", None)]
+    assert sink.written == []
+    assert pipe.in_flight == 0
+
+
+async def test_stop_before_run_reads_nothing() -> None:
+    pipe = make_pipeline()
+    source, sink = parts(pipe)
+    ack = source.feed([msg(0)])
+    pipe.stop(time.monotonic() + 1)
+    await asyncio.wait_for(pipe.run(), 2)
+    assert pipe.state is PipelineState.STOPPED
+    assert source.reads == 0 and ack.calls == []
+    assert source.connected and source.closed and sink.closed
+
+
+async def test_metrics_count_the_flow() -> None:
+    pipe = make_pipeline(batch={"max_messages": 5, "max_wait": "1ms"},
+                         transforms=[{"type": "reject_bad"}], dead_letter={"type": "fake"})
+    source, _ = parts(pipe)
+    source.feed([msg(i, size=10) for i in range(4)] + [Message(b"bad", "in.4", id="id-4")])
+    source.feed([msg(5, size=10)])
+    await finish(pipe)
+    assert sample("natsconn_messages_in_total", pipe) == 6
+    assert sample("natsconn_bytes_in_total", pipe) == 53
+    assert sample("natsconn_messages_out_total", pipe) == 5
+    assert sample("natsconn_bytes_out_total", pipe) == 50
+    assert sample("natsconn_dead_lettered_total", pipe) == 1
+    assert sample("natsconn_source_batches_settled_total", pipe, outcome="ack") == 2
+    assert sample("natsconn_in_flight_messages", pipe) == 0
+    assert sample("natsconn_pipeline_up", pipe) == 0
