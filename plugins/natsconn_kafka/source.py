@@ -380,6 +380,7 @@ class KafkaSource(Source[KafkaSourceConfig]):
                     self.context.logger.info(
                         "kafka: the pipeline has had no room for %.1fs; paused %d "
                         "partition(s)", idle, len(self._parts))
+                    next_lag = now  # show the lag growing from now on
                 if self._stalled and now - self._last_poll >= keepalive:
                     await self._keepalive()
                 if now >= next_lag:
