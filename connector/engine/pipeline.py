@@ -482,23 +482,21 @@ class Pipeline:
             self._leftover.append(partial)
         while self._leftover:
             batch = self._leftover.pop(0)
-            left = None if self._deadline is None else self._deadline - time.monotonic()
-            try:
-                await asyncio.wait_for(self._slots.acquire(), left)
-            except TimeoutError:
+            if not await self._before_stop_deadline(self._slots.acquire()):
                 await self._unwritten(batch)
                 continue
             self._spawn(self._write(batch), holds_slot=True)
-        if not self._writes:
-            return
-        timeout = None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
-        _, pending = await asyncio.wait(set(self._writes), timeout=timeout)
-        if pending:
+        while self._writes:
+            some = asyncio.wait(set(self._writes), return_when=asyncio.FIRST_COMPLETED)
+            if await self._before_stop_deadline(some):
+                continue
+            pending = set(self._writes)
             self.log.warning("shutdown timeout: %d write(s) abandoned; their messages will be "
                              "redelivered by the source", len(pending))
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+            break
         for tracker in list(self._live):  # none expected; never leave one unsettled
             tracker.fail(None)
             await self._settle(tracker)
@@ -555,6 +553,34 @@ class Pipeline:
         with contextlib.suppress(asyncio.CancelledError):
             await task
         # The task may have completed in the same tick as it was cancelled.
+        return not task.cancelled() and task.exception() is None
+
+    async def _before_stop_deadline(self, aw: Awaitable[object]) -> bool:
+        """Await ``aw``; False (``aw`` cancelled) once the shutdown deadline passes.
+
+        With no stop requested yet there is no deadline (the source ended and the
+        drain waits for the last writes): a stop arriving meanwhile brings one.
+        """
+        task = asyncio.ensure_future(aw)
+        while not task.done():
+            if self._deadline is None:
+                stop = asyncio.ensure_future(self._stopping.wait())
+                try:
+                    await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    stop.cancel()
+                continue
+            left = self._deadline - time.monotonic()
+            if left <= 0:
+                break
+            await asyncio.wait({task}, timeout=left)
+        if task.done():
+            task.result()
+            return True
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        # It may have completed in the same tick as it was cancelled (a slot taken).
         return not task.cancelled() and task.exception() is None
 
     async def _sleep_or_stop(self, seconds: float) -> None:

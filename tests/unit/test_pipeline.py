@@ -679,3 +679,29 @@ async def test_metrics_count_the_flow() -> None:
     assert sample("natsconn_source_batches_settled_total", pipe, outcome="ack") == 2
     assert sample("natsconn_in_flight_messages", pipe) == 0
     assert sample("natsconn_pipeline_up", pipe) == 0
+
+
+@pytest.mark.parametrize("in_flight", [1, 2])
+async def test_stop_during_an_end_of_input_drain_honours_the_deadline(in_flight: int) -> None:
+    """The source ended and the drain waits for a stalled sink with no deadline; a
+    stop must bound that wait (in_flight 1: the last partial batch also waits for
+    the only write slot)."""
+    pipe = make_pipeline(batch={"max_messages": 2, "max_wait": "10s"},
+                         max_in_flight=in_flight)
+    source, sink = parts(pipe)
+    never = asyncio.Event()
+
+    async def stalled(messages: Sequence[Message], attempt: int) -> None:
+        await never.wait()
+
+    sink.behaviour = stalled
+    acks = [source.feed([msg(0), msg(1)]), source.feed([msg(2)])]
+    source.end()
+    task = asyncio.create_task(pipe.run())
+    await until(lambda: pipe.state is PipelineState.DRAINING and sink.active >= 1)
+    started = time.monotonic()
+    pipe.stop(started + 0.1)
+    await asyncio.wait_for(task, 2)
+    assert time.monotonic() - started < 0.1 + 0.5
+    assert pipe.state in (PipelineState.FINISHED, PipelineState.STOPPED)
+    assert [a.settlements for a in acks] == [[("nack", None)], [("nack", None)]]
