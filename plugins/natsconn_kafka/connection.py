@@ -4,7 +4,8 @@ aiokafka reports why a bootstrap failed only in its own log lines and raises a
 generic "Unable to bootstrap"; :func:`start_client` captures those lines while
 a client starts, so that the one error natsconn raises names the cause (refused
 connection, unknown host, SASL authentication failed) and aiokafka's
-duplicates of it are not logged.
+duplicates of it are not logged. Later, repeats of aiokafka's warnings are
+rate-limited (see :class:`_AiokafkaLogs`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from enum import StrEnum
 from pathlib import Path
@@ -180,22 +182,53 @@ def client_options(config: KafkaConnectionConfig, context: PluginContext) -> dic
     return options
 
 
-class _Capture(logging.Filter):
-    """Collects (and hides) aiokafka's error lines while clients start."""
+class _AiokafkaLogs(logging.Filter):
+    """aiokafka's warnings and errors, tamed.
 
+    While a client starts, they are collected (for the one error natsconn
+    raises) and not logged. Otherwise each kind of line (its template) is logged
+    once per ``window`` seconds, with a count of the ones held back: a broker
+    outage costs a few lines, not a thousand (aiokafka logs every reconnect
+    attempt, ten a second).
+    """
+
+    window = 30.0
     active: list[list[str]] = []
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._seen: dict[tuple[str, str], list[float]] = {}  # -> [until, held back]
+
     def filter(self, record: logging.LogRecord) -> bool:
-        if not self.active or record.levelno < logging.WARNING:
+        if record.levelno < logging.WARNING:
             return True
-        message = record.getMessage()
-        for sink in self.active:
-            sink.append(message)
-        return False
+        if self.active:
+            message = record.getMessage()
+            for sink in self.active:
+                sink.append(message)
+            return False
+        key = (record.name, str(record.msg))
+        now = time.monotonic()
+        entry = self._seen.get(key)
+        if entry is not None and now < entry[0]:
+            entry[1] += 1
+            return False
+        if len(self._seen) > 1000:
+            self._seen.clear()
+        self._seen[key] = [now + self.window, 0]
+        if entry is not None and entry[1]:
+            record.msg = (f"{record.getMessage()} ({int(entry[1])} more like it in the last "
+                          f"{self.window:g}s not logged)")
+            record.args = None
+        return True
 
 
-_CAPTURE = _Capture()
-logging.getLogger("aiokafka").addFilter(_CAPTURE)
+_FILTER = _AiokafkaLogs()
+for _name in ("aiokafka", "aiokafka.conn", "aiokafka.cluster", "aiokafka.consumer.consumer",
+              "aiokafka.consumer.fetcher", "aiokafka.consumer.group_coordinator",
+              "aiokafka.consumer.subscription_state", "aiokafka.producer.producer",
+              "aiokafka.producer.sender", "aiokafka.producer.message_accumulator"):
+    logging.getLogger(_name).addFilter(_FILTER)
 
 
 def _cause(lines: list[str], exc: BaseException) -> str:
@@ -232,7 +265,7 @@ async def start_client(
     """Run ``start`` within ``connect_timeout``; on failure stop the client and raise
     one :class:`RetryableError` that names the servers and the cause."""
     lines: list[str] = []
-    _Capture.active.append(lines)
+    _AiokafkaLogs.active.append(lines)
     try:
         await asyncio.wait_for(start(), config.connect_timeout)
     except Exception as exc:
@@ -248,4 +281,4 @@ async def start_client(
             await stop()
         raise RetryableError(f"cannot start Kafka {what} at {servers}: {reason}") from None
     finally:
-        _Capture.active.remove(lines)
+        _AiokafkaLogs.active.remove(lines)
