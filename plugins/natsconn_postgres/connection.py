@@ -55,14 +55,16 @@ class PostgresConnectionConfig(PluginConfig):
     user: str | None = None
     password: SecretStr | None = None
     database: str | None = None
-    ssl: SslConfig = Field(default_factory=SslConfig)
+    ssl: SslConfig = Field(default_factory=SslConfig, description="mode (disable, require, "
+                           "verify-ca, verify-full), ca_file, cert_file, key_file")
     pool_size: int = Field(4, ge=1, le=1000, description="most connections this plugin opens")
     statement_timeout: Duration = Field(
         60.0, description="server-side limit per statement; 0 for none")
     connect_timeout: Duration = Field(10.0, gt=0, description="longest wait for a connection")
     reconnect_wait: Duration = Field(0.5, gt=0, description="first wait before reconnecting; "
                                      "doubles up to reconnect_wait_max")
-    reconnect_wait_max: Duration = Field(30.0, gt=0)
+    reconnect_wait_max: Duration = Field(30.0, gt=0, description="longest wait between "
+                                         "reconnect attempts")
     application_name: str | None = Field(
         None, description="shown in pg_stat_activity; default natsconn:<pipeline>:<role>")
 
@@ -229,6 +231,21 @@ def is_row_error(exc: BaseException) -> bool:
         return state.startswith(("22", "23"))
     return isinstance(exc, TypeError | ValueError | OverflowError) and not isinstance(
         exc, asyncpg.InterfaceError | ConnectorError)
+
+
+def is_connection_lost(exc: BaseException) -> bool:
+    """The session is gone (server restart, network cut, admin shutdown): the
+    pool's other idle connections are most likely dead as well."""
+    return isinstance(exc, OSError | TimeoutError | asyncpg.InterfaceError
+                      | asyncpg.PostgresConnectionError | asyncpg.CannotConnectNowError
+                      | asyncpg.AdminShutdownError | asyncpg.CrashShutdownError)
+
+
+async def forget_connections(pool: asyncpg.Pool, exc: BaseException) -> None:
+    """After a lost session, have every pooled connection replaced on its next
+    use, so that one retry finds a live server instead of one per dead connection."""
+    if is_connection_lost(exc):
+        await pool.expire_connections()
 
 
 def retryable(exc: BaseException, what: str = "postgres") -> RetryableError:

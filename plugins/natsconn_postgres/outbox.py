@@ -51,6 +51,7 @@ from .catalog import table_exists
 from .connection import (
     Backoff,
     PostgresConnectionConfig,
+    forget_connections,
     open_connection,
     open_pool,
     pg_error_text,
@@ -82,7 +83,9 @@ class OutboxSourceConfig(PostgresConnectionConfig):
     table: str = Field(description="the outbox table, 'name' or 'schema.name'")
     id_column: str = Field("id", description="unique, increasing row id (bigserial); rows "
                            "are claimed in its order")
-    columns: OutboxColumns = Field(default_factory=OutboxColumns)
+    columns: OutboxColumns = Field(default_factory=OutboxColumns, description="message part: "
+                                   "column; data, subject, key, headers, timestamp (null: "
+                                   "not read)")
     lease_column: str = Field("claimed_until", description="timestamptz column holding "
                               "each claim's expiry (NULL: unclaimed)")
     lease: Duration = Field(60.0, gt=0, description="how long a claimed row is kept from "
@@ -119,8 +122,9 @@ class _Claim:
 
 
 class OutboxSource(Source[OutboxSourceConfig]):
-    """PostgreSQL outbox table: claimed with leases and SKIP LOCKED, deleted or marked
-    after the sink confirmed."""
+    """PostgreSQL outbox table: leased claims with SKIP LOCKED, removed once written.
+
+    Rows are deleted (or marked sent) only after the sink confirmed them."""
 
     Config = OutboxSourceConfig
 
@@ -256,6 +260,7 @@ class OutboxSource(Source[OutboxSourceConfig]):
             async with self._pool.acquire(timeout=cfg.connect_timeout) as conn:
                 rows = await conn.fetch(self._claim_sql, max_messages, cfg.lease)
         except Exception as exc:
+            await forget_connections(self._pool, exc)
             raise retryable(exc, f"postgres outbox {cfg.table}: claim") from exc
         self._last_claim = time.monotonic()
         self._drained = len(rows) < max_messages
@@ -291,6 +296,7 @@ class OutboxSource(Source[OutboxSourceConfig]):
                     await conn.execute(sql, ids, *extra)
                 return
             except Exception as exc:
+                await forget_connections(self._pool, exc)
                 wait = backoff.next()
                 if time.monotonic() + wait > deadline:
                     raise retryable(exc, f"postgres outbox {cfg.table}: settling "

@@ -37,6 +37,7 @@ from .catalog import columns as table_columns
 from .catalog import table_exists, unique_keys
 from .connection import (
     PostgresConnectionConfig,
+    forget_connections,
     is_row_error,
     open_connection,
     open_pool,
@@ -102,8 +103,9 @@ class PostgresSinkConfig(PostgresConnectionConfig):
 
 
 class PostgresSink(Sink[PostgresSinkConfig]):
-    """PostgreSQL table: COPY, insert or upsert; one transaction per batch; bad rows
-    dead-lettered alone."""
+    """PostgreSQL table by COPY, insert or upsert; one transaction per batch.
+
+    Rows the database refuses go to the dead letter alone; the rest commits."""
 
     Config = PostgresSinkConfig
 
@@ -235,6 +237,7 @@ class PostgresSink(Sink[PostgresSinkConfig]):
             except ConnectorError:
                 raise
             except Exception as exc:
+                await forget_connections(self._pool, exc)
                 raise retryable(exc, f"postgres write to {self.config.table}") from exc
         if failed:
             raise PartialWriteError(failed)
