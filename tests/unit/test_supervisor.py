@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any, cast
 
 from connector.engine import PipelineState, Supervisor
@@ -106,3 +107,44 @@ async def test_stop_during_restart_backoff_returns_promptly() -> None:
     sup.stop(timeout=1)
     await asyncio.wait_for(task, 1)
     assert FakeSource.connect_attempts[name] == 1
+
+
+async def _get(port: int, path: str) -> tuple[int, str]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    await writer.drain()
+    raw = (await asyncio.wait_for(reader.read(), 5)).decode()
+    writer.close()
+    head, _, body = raw.partition("\r\n\r\n")
+    return int(head.split(" ", 2)[1]), body
+
+
+async def test_readyz_and_metrics_over_http_follow_the_supervisor() -> None:
+    from connector.ops.http import OpsServer
+
+    name = unique("http")
+    loaded = load(flowing(name, name, connect_failures=1),
+                  restart_backoff="100ms", restart_backoff_max="100ms")
+    sup = Supervisor(loaded)
+    server = OpsServer("127.0.0.1:0", sup.ready)
+    await server.start()
+    task = asyncio.create_task(sup.run())
+    try:
+        await until(lambda: sup.records[name].restarts == 1)
+        status, body = await _get(server.port, "/readyz")
+        assert status == 503
+        assert json.loads(body) == {"ready": False, "pipelines": {name: "failed"}}
+        await until(lambda: sup.ready()[0] and len(sink_of(sup, name).written) > 0)
+        status, body = await _get(server.port, "/readyz")
+        assert status == 200
+        assert json.loads(body) == {"ready": True, "pipelines": {name: "running"}}
+        assert (await _get(server.port, "/healthz"))[0] == 200
+        status, metrics = await _get(server.port, "/metrics")
+        assert status == 200
+        assert f'natsconn_pipeline_up{{pipeline="{name}"}} 1.0' in metrics
+        assert f'natsconn_pipeline_restarts_total{{pipeline="{name}"}} 1.0' in metrics
+        assert f'natsconn_messages_out_total{{pipeline="{name}"}}' in metrics
+    finally:
+        sup.stop(timeout=1)
+        await asyncio.wait_for(task, 3)
+        await server.close()
