@@ -207,7 +207,8 @@ class PostgresSink(Sink[PostgresSinkConfig]):
         if cfg.mode is Mode.upsert:
             lines.append(f"PRIMARY KEY ({', '.join(q(k) for k in cfg.key_columns)})")
         elif cfg.dedupe and id_column is not None:
-            lines.append(f"PRIMARY KEY ({q(id_column)})")
+            # UNIQUE, not PRIMARY KEY: sources without ids (core NATS, LISTEN) give NULL.
+            lines.append(f"UNIQUE ({q(id_column)})")
         return f"CREATE TABLE IF NOT EXISTS {self._qtable} (\n  " + ",\n  ".join(lines) + "\n)"
 
     async def _create_stage(self, conn: asyncpg.Connection) -> None:
@@ -253,6 +254,10 @@ class PostgresSink(Sink[PostgresSinkConfig]):
         last_wins = self.config.on_conflict is OnConflict.update
         for i, row in enumerate(rows):
             key = tuple(row[p] for p in kp)
+            try:
+                hash(key)
+            except TypeError:  # an array column in the key
+                key = (repr(key),)
             if last_wins or key not in keep:
                 keep[key] = i
         if len(keep) == len(rows):

@@ -301,3 +301,20 @@ def test_config_errors() -> None:
     assert "for mode: upsert" in bad(key_columns=["id"])
     assert "does not look like an SQL type" in bad(columns={"a": {"from": "data",
                                                                    "type": "int; DROP"}})
+
+
+async def test_messages_without_ids_are_stored(postgres_dsn: str, db: asyncpg.Connection,
+                                               tables: Callable[[str], str]) -> None:
+    """A source without ids (core NATS, LISTEN): NULL ids are stored, never merged,
+    while messages with ids are still deduplicated in the same table."""
+    table = tables("noids")
+    sink = await _sink(postgres_dsn, table=table, create_table=True)
+    try:
+        anonymous = [Message(b"a%d" % i, "core.x") for i in range(5)]
+        await sink.write_batch(anonymous)
+        await sink.write_batch(anonymous)  # no id: nothing to tell them apart by
+        await sink.write_batch([_msg(1), _msg(1)])
+    finally:
+        await sink.close()
+    assert await db.fetchval(f'SELECT count(*) FROM "{table}" WHERE id IS NULL') == 10
+    assert await db.fetchval(f'SELECT count(*) FROM "{table}" WHERE id = $1', "S:1") == 1
