@@ -24,11 +24,13 @@ from typing import Any, Literal
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import (
+    BrokerResponseError,
     InvalidTopicError,
     KafkaError,
     KafkaTimeoutError,
     MessageSizeTooLargeError,
     ProducerClosed,
+    ProducerFenced,
     RecordListTooLargeError,
     RecordTooLargeError,
     TopicAuthorizationFailedError,
@@ -206,13 +208,19 @@ class KafkaSink(Sink[KafkaSinkConfig]):
 
     async def _ready_producer(self) -> AIOKafkaProducer:
         if self._rebuild:
-            old = self._producer
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(old.stop(), self.config.request_timeout)
-            self._producer = await self._start_producer()
-            self._rebuild = False
-            self.context.logger.info("kafka: producer restarted")
+            await self._restart_producer()
         return self._producer
+
+    async def _restart_producer(self) -> None:
+        """A new producer (new producer id). After a record batch failed for good,
+        an idempotent producer's sequence numbers for its partition no longer
+        match the broker's, and every later batch there would fail."""
+        old = self._producer
+        self._rebuild = False
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(old.stop(), self.config.request_timeout)
+        self._producer = await self._start_producer()
+        self.context.logger.info("kafka: producer restarted")
 
     # --------------------------------------------------------------- writing
 
@@ -235,10 +243,15 @@ class KafkaSink(Sink[KafkaSinkConfig]):
                         too_large.append(i)
                     else:
                         errors[i] = self._error(result)
+            idempotent = self.config.enable_idempotence
+            if too_large and idempotent:
+                await self._restart_producer()
             for i in too_large:
-                error = await self._send_alone(producer, messages[i], topics[i])
+                error = await self._send_alone(self._producer, messages[i], topics[i])
                 if error is not None:
                     errors[i] = error
+                    if idempotent:
+                        await self._restart_producer()
         if errors:
             if len(errors) == len(messages) and all(
                 isinstance(e, RetryableError) for e in errors.values()
@@ -341,14 +354,21 @@ class KafkaSink(Sink[KafkaSinkConfig]):
             except ProducerClosed:
                 raise
             except (KafkaError, AssertionError) as exc:
-                errors[i] = self._error(exc)
+                # Refused before it was queued (client-side size check...): no sequence
+                # number was used, unless the producer itself is in a failed state.
+                if type(exc).__name__ in _FATAL_NAMES or isinstance(exc, ProducerFenced):
+                    self._rebuild = True
+                errors[i] = _classify(exc)
                 continue
             sent.append((i, future))
 
     def _error(self, exc: BaseException) -> RetryableError | RejectedError:
-        if type(exc).__name__ in _FATAL_NAMES:
-            self._rebuild = True
-        return _classify(exc)
+        error = _classify(exc)
+        if type(exc).__name__ in _FATAL_NAMES or (
+                isinstance(error, RejectedError) and isinstance(exc, BrokerResponseError)
+                and self.config.enable_idempotence):
+            self._rebuild = True  # see _restart_producer
+        return error
 
     async def _send_alone(self, producer: AIOKafkaProducer, message: Message,
                           topic: str | None) -> RetryableError | RejectedError | None:
