@@ -149,7 +149,16 @@ async def test_core_nats_sink_stalled_past_flush_timeout_then_cut_every_message_
     """The core NATS sink confirms a batch with a flush (PING/PONG). A stall
     longer than flush_timeout fails writes, which are retried; after the stall
     the sink must still confirm what it writes, so that when the connection is
-    then cut nothing acknowledged at the source is lost."""
+    then cut nothing acknowledged at the source is lost.
+
+    Fails with nats-py 2.16 and the current NatsSink: ``nc.flush(timeout)``
+    cancels its PONG future on timeout but leaves it queued; the late PONG then
+    raises InvalidStateError in ``Client._process_pong`` and kills the read loop.
+    The client still reports itself connected, and every later ``flush()`` falls
+    back to a bare write with no PONG, so batches written into the cut socket are
+    counted as written and acked at the source: lost. A NatsSink that never lets
+    nats-py's flush time out (wait for it with its own timeout, not cancel it)
+    avoids this."""
     n = 30_000
     source, durable = f"STC_IN_{unique}", f"stc-{unique}"
     pipeline = f"stall-core-{unique}"
