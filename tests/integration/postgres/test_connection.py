@@ -29,9 +29,9 @@ async def test_require_fails_against_a_server_without_ssl(
     """The local server has ssl = off: asking for SSL must fail, not fall back."""
     assert await db.fetchval("SHOW ssl") == "off", "this test needs a server without SSL"
     table = tables("ssl")
-    for options in ({"ssl": {"mode": "require"}}, {"ssl": {"mode": "verify-full"}}):
+    for mode in ("require", "verify-full"):
         sink = PostgresSink.make_test_instance(dsn=postgres_dsn, table=table,
-                                               create_table=True, **options)
+                                               create_table=True, ssl={"mode": mode})
         with pytest.raises(RetryableError, match="SSL"):
             await sink.connect()
         await sink.close()

@@ -11,6 +11,7 @@ import time
 import uuid
 from collections.abc import Callable
 from decimal import Decimal
+from typing import Any
 
 import asyncpg
 import pytest
@@ -21,12 +22,12 @@ from connector import ConnectorError, Message, PartialWriteError, RejectedError,
 pytestmark = pytest.mark.integration
 
 
-def _msg(i: int, data: bytes | None = None, **kw: object) -> Message:
-    return Message(data if data is not None else b'{"n":%d}' % i, kw.pop("subject", "t.x"),
-                   None, kw.pop("headers", {}), time.time(), f"S:{i}")  # type: ignore[arg-type]
+def _msg(i: int, data: bytes | None = None) -> Message:
+    return Message(data if data is not None else b'{"n":%d}' % i, "t.x", None, {},
+                   time.time(), f"S:{i}")
 
 
-async def _sink(dsn: str, **options: object) -> PostgresSink:
+async def _sink(dsn: str, **options: Any) -> PostgresSink:
     sink = PostgresSink.make_test_instance(dsn=dsn, **options)
     await sink.connect()
     return sink
