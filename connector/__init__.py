@@ -18,7 +18,7 @@ from ._errors import (
 )
 from ._message import Message
 from ._plugin import Plugin, PluginConfig, Rejected, Sink, Source, Transform
-from ._template import AddressTemplate
+from ._template import AddressTemplate, TemplateStr
 from ._units import ByteSize, Duration, parse_duration, parse_size
 
 __version__ = "0.1.0"
@@ -49,6 +49,7 @@ __all__ = [
     "RetryableError",
     "Sink",
     "Source",
+    "TemplateStr",
     "Transform",
     "parse_duration",
     "parse_size",

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from typing import Annotated
+
+from pydantic import AfterValidator
 
 from ._errors import ConfigError, RejectedError
 from ._message import Message
@@ -112,6 +115,15 @@ class AddressTemplate:
             raise ConfigError(f"{{{kind}}} takes no index in {self.text!r}")
         return _key if kind == "key" else _id
 
+    @classmethod
+    def check(cls, text: str) -> str:
+        """Validate ``text`` as a template (for config models); return it unchanged."""
+        try:
+            cls(text)
+        except ConfigError as exc:
+            raise ValueError(exc.message) from None
+        return text
+
     @property
     def is_constant(self) -> bool:
         return self._constant is not None
@@ -121,3 +133,7 @@ class AddressTemplate:
         if self._constant is not None:
             return self._constant
         return "".join(p if isinstance(p, str) else p(message) for p in self._pieces)
+
+
+TemplateStr = Annotated[str, AfterValidator(AddressTemplate.check)]
+"""A config field holding an address template, checked when the file is validated."""

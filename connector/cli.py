@@ -17,6 +17,7 @@ from pathlib import Path
 from ._errors import ConfigError, PluginLoadError
 from ._units import parse_duration
 from .config.loader import LoadedFile, load_file
+from .engine.pipeline import PipelineState
 from .engine.supervisor import Supervisor
 from .ops import logs
 from .ops.http import OpsServer
@@ -270,7 +271,11 @@ async def _serve(loaded: LoadedFile, http_address: str | None, progress: bool,
             await server.close()
     if progress:
         _summary(supervisor, time.monotonic() - started)
-    failed = [n for n, r in supervisor.records.items() if r.last_error and r.ended is None]
+    # Exit 1 when a pipeline was down (failed, waiting to restart) when the run ended.
+    failed = [n for n, r in supervisor.records.items()
+              if r.current is not None and r.current.state is PipelineState.FAILED]
+    if failed:
+        log.error("pipeline(s) not running at exit: %s", ", ".join(failed))
     return 1 if failed else 0
 
 

@@ -6,9 +6,10 @@ import random
 
 
 class Backoff:
-    """``next()`` gives the wait before the next attempt: a random value up to
-    ``initial * multiplier ** n``, capped at ``maximum``. Full jitter keeps
-    replicas that failed together from retrying together."""
+    """``next()`` gives the wait before the next attempt: a random value between
+    half of and all of ``initial * multiplier ** n``, capped at ``maximum``
+    ("equal jitter": never a near-zero wait, yet replicas that failed together
+    do not retry together)."""
 
     __slots__ = ("_attempt", "initial", "maximum", "multiplier")
 

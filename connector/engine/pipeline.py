@@ -108,7 +108,10 @@ class Pipeline:
         """
         self.state = PipelineState.STARTING
         try:
-            await self._connect()
+            # A stop asked for while a plugin is still connecting ends the run at once.
+            if not await self._wait_or_stop(self._connect()):
+                self.state = PipelineState.STOPPED
+                return
             self.state = PipelineState.RUNNING
             self.metrics.up.set(1)
             self.log.info("pipeline running", extra={"pipeline": self.name})

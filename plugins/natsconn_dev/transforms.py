@@ -6,11 +6,18 @@ import json
 
 from pydantic import Field
 
-from connector import AddressTemplate, Message, PluginConfig, RejectedError, Transform
+from connector import (
+    AddressTemplate,
+    Message,
+    PluginConfig,
+    RejectedError,
+    TemplateStr,
+    Transform,
+)
 
 
 class MapSubjectConfig(PluginConfig):
-    subject: str = Field(description="address template, e.g. 'archive.{subject[1]}'")
+    subject: TemplateStr = Field(description="address template, e.g. 'archive.{subject[1]}'")
 
 
 class MapSubject(Transform[MapSubjectConfig]):

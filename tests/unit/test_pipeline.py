@@ -661,7 +661,25 @@ async def test_stop_before_run_reads_nothing() -> None:
     await asyncio.wait_for(pipe.run(), 2)
     assert pipe.state is PipelineState.STOPPED
     assert source.reads == 0 and ack.calls == []
-    assert source.connected and source.closed and sink.closed
+    # A stop that comes before the run does not even connect; close is still safe.
+    assert not source.connected and source.closed and sink.closed
+
+
+async def test_stop_while_connecting_ends_the_run() -> None:
+    pipe = make_pipeline()
+    source, _ = parts(pipe)
+    hang = asyncio.Event()
+
+    async def slow_connect() -> None:
+        await hang.wait()
+
+    source.connect = slow_connect  # type: ignore[method-assign]
+    run = asyncio.create_task(pipe.run())
+    await asyncio.sleep(0.05)
+    assert pipe.state is PipelineState.STARTING
+    pipe.stop(time.monotonic() + 1)
+    await asyncio.wait_for(run, 1)
+    assert pipe.state is PipelineState.STOPPED and source.reads == 0
 
 
 async def test_metrics_count_the_flow() -> None:
