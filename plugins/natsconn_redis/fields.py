@@ -51,30 +51,29 @@ class EntryDecoder:
         self._key = mapping.key_field.encode() if mapping.key_field else None
         self._prefix = mapping.header_prefix.encode()
 
-    def message(self, fields: Mapping[bytes, bytes], stream: str, entry_id: str,
+    def message(self, fields: dict[bytes, bytes], stream: str, entry_id: str,
                 extra: Mapping[str, str] | None = None) -> Message:
-        data = b""
-        subject: str | None = None
-        key: bytes | None = None
-        headers: dict[str, str] = {}
-        prefix = self._prefix
-        cut = len(prefix)
-        for name, value in fields.items():
-            if name == self._data:
-                data = value
-            elif name == self._subject:
-                subject = value.decode("utf-8", "replace")
-            elif name == self._key:
-                key = value
-            else:
-                if cut and name.startswith(prefix):
-                    name = name[cut:]
-                headers[name.decode("utf-8", "replace")] = value.decode("utf-8", "replace")
+        """``fields`` is consumed (the reply's own dict: no copy on the hot path)."""
+        data = fields.pop(self._data, b"")
+        raw_subject = fields.pop(self._subject, None) if self._subject else None
+        key = fields.pop(self._key, None) if self._key else None
+        headers: dict[str, str]
+        if not fields:
+            headers = {}
+        elif not self._prefix:
+            headers = {k.decode("utf-8", "replace"): v.decode("utf-8", "replace")
+                       for k, v in fields.items()}
+        else:
+            prefix, cut = self._prefix, len(self._prefix)
+            headers = {(k[cut:] if k.startswith(prefix) else k).decode("utf-8", "replace"):
+                       v.decode("utf-8", "replace") for k, v in fields.items()}
         if extra:
             headers.update(extra)
-        ms, _, _ = entry_id.partition("-")
-        return Message(data, subject or stream, key, headers,
-                       int(ms) / 1000 if ms.isdigit() else None, f"{stream}:{entry_id}")
+        ms = entry_id[:entry_id.find("-")]
+        return Message(data,
+                       raw_subject.decode("utf-8", "replace") if raw_subject else stream,
+                       key, headers, int(ms) / 1000 if ms.isdigit() else None,
+                       f"{stream}:{entry_id}")
 
 
 class EntryEncoder:

@@ -201,17 +201,20 @@ class RedisListSource(Source[RedisListSourceConfig]):
             if not values:
                 wait = min(max_wait, self._block_cap)
                 if wait <= 0:
+                    self._link.restored()
                     return None
                 first: Any = await self._r.execute_command(  # type: ignore[no-untyped-call]
                     "BLMOVE", cfg.key, self._processing, self._pop, "LEFT",
                     max(0.01, round(wait, 3)))  # 0 would block for ever
                 if first is None:
+                    self._link.restored()
                     return None
                 values = [first]
                 if max_messages > 1:
                     values += await self._move_some(keys=keys, args=[max_messages - 1, self._pop])
         except Exception as exc:
             raise read_error(self._link, exc, f"reading {cfg.key!r}") from None
+        self._link.restored()
         key = cfg.key
         return Batch([Message(v, key) for v in values], ListAck(self, values))
 

@@ -143,6 +143,7 @@ class RedisPubSubSource(Source[RedisPubSubSourceConfig]):
         while True:
             reply = await pubsub.get_message(timeout=min(1.0, cfg.ping_interval))
             if reply is not None:
+                self._link.restored()  # e.g. redis-py reconnected and subscribed again
                 if reply["type"] == "pong":
                     awaiting_pong = None
                 else:

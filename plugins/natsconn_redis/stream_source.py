@@ -164,8 +164,9 @@ class RedisStreamSource(Source[RedisStreamSourceConfig]):
             if not self._ready:
                 await self._recover(max_messages)
             if self._ready:
-                return self._batch(self._take_ready(max_messages))
-            return await self._read_new(max_messages, max_wait)
+                batch: Batch | None = self._batch(self._take_ready(max_messages))
+            else:
+                batch = await self._read_new(max_messages, max_wait)
         except ResponseError as exc:
             if str(exc).startswith("NOGROUP") and self.config.create_group:
                 self.context.logger.warning("redis: %s; creating the group again", exc)
@@ -177,6 +178,8 @@ class RedisStreamSource(Source[RedisStreamSourceConfig]):
             raise
         except Exception as exc:
             raise read_error(self._link, exc, "reading") from None
+        self._link.restored()
+        return batch
 
     async def _read_new(self, max_messages: int, max_wait: float) -> Batch | None:
         args: list[Any] = ["XREADGROUP", "GROUP", self._group, self._consumer,

@@ -32,7 +32,13 @@ from connector import (
     Sink,
 )
 
-from .connection import RedisConnectionConfig, RedisLink, command_error, open_link
+from .connection import (
+    RedisConnectionConfig,
+    RedisLink,
+    command_error,
+    is_connection_error,
+    open_link,
+)
 
 Command = tuple[Any, ...]
 Planned = list[tuple[Sequence[int], Command]]
@@ -112,10 +118,13 @@ class CommandSink(Sink[ConfigT]):
                 replies = await pipe.execute(raise_on_error=False)
             except Exception as exc:
                 error = command_error(exc)
+                if is_connection_error(exc):
+                    self._link.lost(exc)
                 for indices, _ in planned[start:]:
                     for i in indices:
                         failed.setdefault(i, error)
                 break
+            self._link.restored()
             for (indices, args), reply in zip(part, replies, strict=True):
                 if isinstance(reply, Exception):
                     error = _named(command_error(reply), args)
