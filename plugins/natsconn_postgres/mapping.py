@@ -186,6 +186,8 @@ def to_json(v: Any) -> Any:
         return None
     if isinstance(v, bytes | bytearray | memoryview):
         return bytes(v).decode("utf-8")
+    if not v and isinstance(v, dict):
+        return "{}"  # no headers: the common case, without json.dumps
     return json.dumps(v, separators=(",", ":"), ensure_ascii=False)
 
 
@@ -337,9 +339,12 @@ class RowBuilder:
             needs_json = needs_json or source.kind == "data_path"
             target = targets[name]
             conv = converter(target.base_type, target.category)
-            if source.kind == "data" and target.base_type == "bytea":
-                conv = identity
+            if conv is to_bytea and source.kind in ("data", "key"):
+                conv = identity  # bytes | None already
+            elif conv is to_text and source.kind in ("subject", "id", "header"):
+                conv = identity  # str | None already
             self._steps.append((extractor(source), conv))
+        self._funcs = [_compose(e, c) for e, c in self._steps]
         self._needs_json = needs_json
 
     def rows(self, messages: Sequence[Message]
@@ -350,8 +355,7 @@ class RowBuilder:
         rows: list[tuple[Any, ...]] = []
         positions: list[int] = []
         rejected: dict[int, RejectedError] = {}
-        steps = self._steps
-        names = self.names
+        funcs = self._funcs
         needs_json = self._needs_json
         for index, m in enumerate(messages):
             doc: Any = None
@@ -362,14 +366,25 @@ class RowBuilder:
                     rejected[index] = RejectedError(f"data is not JSON ({exc}), but columns "
                                                     "take fields from it")
                     continue
-            col = 0
             try:
-                row = []
-                for col, (extract, conv) in enumerate(steps):  # noqa: B007
-                    row.append(conv(extract(m, doc)))
-            except (ValueError, TypeError, ArithmeticError) as exc:
-                rejected[index] = RejectedError(f"column {names[col]!r}: {exc}")
+                rows.append(tuple([f(m, doc) for f in funcs]))
+            except (ValueError, TypeError, ArithmeticError):
+                rejected[index] = self._which(m, doc)
                 continue
-            rows.append(tuple(row))
             positions.append(index)
         return rows, positions, rejected
+
+    def _which(self, m: Message, doc: Any) -> RejectedError:
+        """The error of the first column that cannot take its value (the slow path)."""
+        for name, f in zip(self.names, self._funcs, strict=True):
+            try:
+                f(m, doc)
+            except (ValueError, TypeError, ArithmeticError) as exc:
+                return RejectedError(f"column {name!r}: {exc}")
+        return RejectedError("a column could not take its value")
+
+
+def _compose(extract: Extract, conv: Callable[[Any], Any]) -> Extract:
+    if conv is identity:
+        return extract
+    return lambda m, doc: conv(extract(m, doc))
