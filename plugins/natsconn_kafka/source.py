@@ -229,7 +229,8 @@ class KafkaSource(Source[KafkaSourceConfig]):
 
     def _assigned(self, assigned: set[TopicPartition]) -> None:
         for tp in assigned:
-            self._parts[tp] = PartitionTracker(tp)
+            if tp not in self._parts:  # else its first records came before this call
+                self._parts[tp] = PartitionTracker(tp)
             if self.config.start is not StartPosition.committed and tp not in self._seeded:
                 self._seeded.add(tp)
                 self._to_seek.add(tp)
@@ -305,9 +306,14 @@ class KafkaSource(Source[KafkaSourceConfig]):
         lags = self._lags
         for tp, recs in records.items():
             tracker = self._parts.get(tp)
-            if not recs or tracker is None or tp in self._to_seek:
-                # Not ours any more, or a seek to the start position reads them again.
-                continue
+            if tracker is None:
+                if tp not in self._consumer.assignment():
+                    continue  # revoked meanwhile: its next owner reads it from the commit
+                # aiokafka hands out records of a new assignment a moment before it
+                # calls on_partitions_assigned: start the partition's tracking here.
+                tracker = self._parts[tp] = PartitionTracker(tp)
+            if not recs or tp in self._to_seek:
+                continue  # a seek to the start position reads these again
             chunks.append(tracker.read(recs[0].offset, recs[-1].offset, len(recs)))
             topic = tp.topic
             prefix = f"{topic}/{tp.partition}/"
