@@ -8,10 +8,11 @@ lets Redis trim whole nodes: cheap; ``exact_maxlen`` trims to the entry).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from pydantic import Field
 
-from connector import AddressTemplate, Message
+from connector import AddressTemplate, Message, RejectedError
 
 from .fields import EntryEncoder, FieldMapping
 from .writer import Command, CommandSink, Failures, Planned, RedisSinkConfig
@@ -26,7 +27,7 @@ class RedisStreamSinkConfig(RedisSinkConfig, FieldMapping):
     id_field: str | None = Field(None, description="also write Message.id in this field, "
                                  "e.g. natsconn-id; null: not written")
     create_stream: bool = Field(True, description="false: a missing stream is not created "
-                                "(NOMKSTREAM) and its messages are retried")
+                                "(NOMKSTREAM); its messages are rejected (dead-lettered)")
 
 
 class RedisStreamSink(CommandSink[RedisStreamSinkConfig]):
@@ -55,3 +56,9 @@ class RedisStreamSink(CommandSink[RedisStreamSinkConfig]):
             return ("XADD", render(m), *options, *fields(m))
 
         return self.checked(messages, rejected, build)
+
+    def reply_error(self, reply: Any, args: Command) -> RejectedError | None:
+        if reply is None:  # NOMKSTREAM and no such stream
+            return RejectedError(f"stream {args[1]!r} does not exist and create_stream is "
+                                 "false")
+        return None

@@ -72,6 +72,10 @@ class CommandSink(Sink[ConfigT]):
         """The commands for ``messages``; indices that cannot be written go to
         ``rejected`` with their reason."""
 
+    def reply_error(self, reply: Any, args: Command) -> RetryableError | RejectedError | None:
+        """A reply that is not an error but means "not written"; None: written."""
+        return None
+
     def checked(self, messages: Sequence[Message], rejected: Failures,
                 build: Callable[[Message], Command | tuple[Command, ...]]) -> Planned:
         """One command (or a few) per message, with size and template checks."""
@@ -125,11 +129,13 @@ class CommandSink(Sink[ConfigT]):
                         failed.setdefault(i, error)
                 break
             self._link.restored()
+            check = self.reply_error
             for (indices, args), reply in zip(part, replies, strict=True):
-                if isinstance(reply, Exception):
-                    error = _named(command_error(reply), args)
+                refused = (_named(command_error(reply), args)
+                           if isinstance(reply, Exception) else check(reply, args))
+                if refused is not None:
                     for i in indices:
-                        failed.setdefault(i, error)
+                        failed.setdefault(i, refused)
         return failed
 
     async def close(self) -> None:

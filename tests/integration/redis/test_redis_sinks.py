@@ -147,3 +147,20 @@ async def test_unreachable_server_is_retryable(unique: str) -> None:
     with pytest.raises(RetryableError, match=r"cannot connect to redis at 127\.0\.0\.1:1/0"):
         await sink.connect()
     await sink.close()
+
+
+async def test_create_stream_false_rejects_what_has_no_stream(
+        r: aioredis.Redis, redis_address: tuple[str, int], unique: str) -> None:
+    await r.xadd(f"it:{unique}:exists", {"data": b"first"})
+    sink = RedisStreamSink.make_test_instance(**at(redis_address), create_stream=False,
+                                              stream=f"it:{unique}:{{subject}}")
+    await sink.connect()
+    try:
+        with pytest.raises(PartialWriteError) as caught:
+            await sink.write_batch([Message(b"a", "exists"), Message(b"b", "missing")])
+    finally:
+        await sink.close()
+    assert set(caught.value.failed) == {1}
+    assert "does not exist" in str(caught.value.failed[1])
+    assert await r.exists(f"it:{unique}:missing") == 0
+    assert await r.xlen(f"it:{unique}:exists") == 2
