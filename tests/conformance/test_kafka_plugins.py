@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -41,7 +42,7 @@ def topic(unique: str) -> str:
     return f"conf-{unique}"
 
 
-def _through(address: str | None, server: str) -> dict[str, object]:
+def _through(address: str | None, server: str) -> dict[str, Any]:
     """Connection options: straight to ``server``, or everything via ``address``."""
     if address is None:
         return {"bootstrap_servers": [server]}

@@ -80,7 +80,7 @@ async def main(n: int) -> None:
             hdrs.pop("Nats-Msg-Id")
             hdrs.pop("Nats-Expected-Stream", None)
             assert hdrs == headers_of(seq_of(m.data)), hdrs
-        check_order([(m.headers["Key"], seq_of(m.data)) for m in out], "stream RT_OUT")
+        check_order([((m.headers or {})["Key"], seq_of(m.data)) for m in out], "stream RT_OUT")
         print(f"checked: {n} in Kafka and {n} back in JetStream, each once; keys and "
               "headers byte for byte; order per key kept in both")
         for name in (f"RT_IN_{unique}", f"RT_OUT_{unique}"):

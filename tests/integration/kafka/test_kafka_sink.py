@@ -7,6 +7,7 @@ combinations fail at validation."""
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -110,6 +111,6 @@ async def test_compression_round_trip(kafka_bootstrap: str, unique: str, codec: 
     ({"bootstrap_servers": "host-without-port"}, "expected host:port"),
     ({"max_batch_size": "2MiB"}, "must not exceed max_request_size"),
 ])
-def test_bad_options_fail_validation(options: dict[str, object], error: str) -> None:
+def test_bad_options_fail_validation(options: dict[str, Any], error: str) -> None:
     with pytest.raises(ValidationError, match=error.replace("(", r"\(")):
         KafkaSink.make_test_instance(**options)
