@@ -12,10 +12,24 @@ import json
 from pathlib import Path
 from typing import Any
 
+from pydantic.json_schema import GenerateJsonSchema
+from pydantic_core import core_schema
+
 from .config.model import FileSpec
 from .registry import Kind, Registry
 
 _DIRS: dict[Kind, str] = {"source": "sources", "sink": "sinks", "transform": "transforms"}
+
+
+class _WithFactoryDefaults(GenerateJsonSchema):
+    """States defaults that come from a ``default_factory`` (``servers``, empty
+    lists, nested option groups), which pydantic otherwise leaves out."""
+
+    def get_default_value(self, schema: core_schema.WithDefaultSchema) -> Any:
+        factory = schema.get("default_factory")
+        if factory is not None and not schema.get("default_factory_takes_data"):
+            return factory()  # type: ignore[call-arg]
+        return super().get_default_value(schema)
 
 
 def _inline(schema: dict[str, Any]) -> dict[str, Any]:
@@ -89,7 +103,7 @@ def _allow_references(node: Any) -> None:
 
 def plugin_schema(kind: Kind, name: str, registry: Registry) -> dict[str, Any]:
     cls = registry.load(kind, name)
-    schema = _inline(cls.Config.model_json_schema())
+    schema = _inline(cls.Config.model_json_schema(schema_generator=_WithFactoryDefaults))
     _allow_references(schema)
     props = {"type": {"const": name, "description": cls.description()}}
     props.update(schema.get("properties", {}))
@@ -115,7 +129,7 @@ def build_schemas(registry: Registry, package: str | None = None) -> dict[str, d
             schema = plugin_schema(kind, info.name, registry)
             files[f"{folder}/{info.name}.json"] = schema
             choices[kind].append(schema)
-    top = _inline(FileSpec.model_json_schema())
+    top = _inline(FileSpec.model_json_schema(schema_generator=_WithFactoryDefaults))
     _allow_references(top)  # before the plugin schemas go in: they have had it
     top["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     top["title"] = "natsconn pipeline file"
