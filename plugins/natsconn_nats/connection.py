@@ -50,6 +50,26 @@ class NatsConnectionConfig(PluginConfig):
         return value
 
 
+class _Client(NATS):
+    """nats-py's client with one repair.
+
+    nats-py (2.16) cancels the PONG waiter of a ``flush()`` that timed out but
+    leaves it queued; the late PONG then raises InvalidStateError and kills the
+    read loop while the client still says it is connected, and every later
+    flush writes into the dead socket without a round trip, so lost batches
+    look written. A PONG answers the oldest PING whether or not anyone still
+    waits for it: consume it either way.
+    """
+
+    async def _process_pong(self) -> None:
+        if self._pongs:
+            future = self._pongs.pop(0)
+            if not future.done():
+                future.set_result(True)
+            self._pongs_received += 1
+            self._pings_outstanding = 0
+
+
 def _tls_context(tls: TlsConfig) -> ssl.SSLContext:
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=tls.ca_file)
     if tls.cert_file or tls.key_file:
@@ -108,7 +128,7 @@ async def open_connection(
         if config.tls.hostname:
             kwargs["tls_hostname"] = config.tls.hostname
         kwargs["tls_handshake_first"] = config.tls.handshake_first
-    nc = NATS()
+    nc = _Client()
     try:
         await nc.connect(
             servers=config.servers,
