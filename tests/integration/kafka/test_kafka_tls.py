@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -21,17 +22,30 @@ from connector.testing.kit import collect
 pytestmark = pytest.mark.integration
 
 USER, PASSWORD = "natsconn-tls", "natsconn-tls-pw"
+SERVICES = Path(__file__).resolve().parents[3] / "scripts" / "services"
+
+
+def _reachable(host: str, port: int) -> bool:
+    try:
+        socket.create_connection((host, port), 2).close()
+    except OSError:
+        return False
+    return True
 
 
 @pytest.fixture
 def tls_bootstrap() -> str:
+    """The SASL_SSL broker; started here when it is not running (``scripts/services
+    start all`` starts only the plain servers), a failure if it cannot be."""
     address = os.environ.get("KAFKA_SSL_BOOTSTRAP", "127.0.0.1:9194")
     host, _, port = address.rpartition(":")
-    try:
-        socket.create_connection((host, int(port)), 2).close()
-    except OSError:
-        pytest.fail(f"no Kafka SASL_SSL broker at {address}: start it with "
-                    "scripts/services start kafka-tls", pytrace=False)
+    if not _reachable(host, int(port)):
+        started = subprocess.run([str(SERVICES), "start", "kafka-tls"], capture_output=True,
+                                 text=True, timeout=300, check=False)
+        if started.returncode != 0 or not _reachable(host, int(port)):
+            pytest.fail(f"no Kafka SASL_SSL broker at {address}, and `scripts/services start "
+                        f"kafka-tls` did not bring one up:\n{started.stdout}{started.stderr}",
+                        pytrace=False)
     return address
 
 
