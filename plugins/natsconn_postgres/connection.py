@@ -134,10 +134,15 @@ def connect_kwargs(cfg: PostgresConnectionConfig, context: PluginContext) -> dic
         parts = urlsplit(cfg.dsn.get_secret_value())
         query = [(k, v) for k, v in parse_qsl(parts.query) if k not in _SSL_QUERY_KEYS]
         kwargs["dsn"] = urlunsplit(parts._replace(query=urlencode(query)))
+        if cfg.host is not None or cfg.port is not None:
+            # asyncpg drops the DSN's port when given a host (and its host when
+            # given a port): pass both, each from the field or else the DSN.
+            kwargs["host"] = cfg.host or parts.hostname or "127.0.0.1"
+            kwargs["port"] = cfg.port or parts.port or 5432
     else:
-        kwargs["host"] = "127.0.0.1"
-        kwargs["port"] = 5432
-    for name in ("host", "port", "user", "database"):
+        kwargs["host"] = cfg.host or "127.0.0.1"
+        kwargs["port"] = cfg.port or 5432
+    for name in ("user", "database"):
         value = getattr(cfg, name)
         if value is not None:
             kwargs[name] = value

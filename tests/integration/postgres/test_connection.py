@@ -91,6 +91,17 @@ def test_ssl_modes_build_the_checks_they_promise() -> None:
     assert "sslmode" not in kwargs["dsn"] and "application_name=x" in kwargs["dsn"]
 
 
+def test_fields_beside_a_dsn_override_only_their_part() -> None:
+    ctx = PluginContext()
+    dsn = "postgresql://u:p@db.example:5433/d"
+    host_only = connect_kwargs(_cfg(dsn=dsn, host="localhost"), ctx)
+    assert (host_only["host"], host_only["port"]) == ("localhost", 5433)
+    port_only = connect_kwargs(_cfg(dsn=dsn, port=6000), ctx)
+    assert (port_only["host"], port_only["port"]) == ("db.example", 6000)
+    neither = connect_kwargs(_cfg(dsn=dsn, database="other"), ctx)
+    assert "host" not in neither and "port" not in neither and neither["database"] == "other"
+
+
 def test_ssl_modes_that_fall_back_silently_are_refused() -> None:
     for mode in ("prefer", "allow"):
         with pytest.raises(ValueError, match="fall back to plain text"):
