@@ -20,9 +20,10 @@ replica dies:
 
 An entry already delivered ``max_deliveries`` times is not delivered again: it
 is copied to ``dead_letter_stream`` with headers saying why and acknowledged,
-in one MULTI/EXEC transaction. The engine's own dead-letter target only sees
-what a sink rejects; this limit catches entries that never reach a verdict
-(the process crashes on them, or the write never ends).
+by one Lua script per entry (the XACK runs only if the XADD succeeded). The
+engine's own dead-letter target only sees what a sink rejects; this limit
+catches entries that never reach a verdict (the process crashes on them, or
+the write never ends).
 """
 
 from __future__ import annotations
@@ -43,6 +44,12 @@ from .connection import RedisConnectionConfig, RedisLink, open_link, read_error
 from .fields import EntryDecoder, FieldMapping
 
 DELIVERY_COUNT = "Natsconn-Delivery-Count"
+# KEYS: dead-letter stream, source stream. ARGV: group, entry id, fields...
+# An error in XADD ends the script before the XACK.
+_MOVE = """
+redis.call('XADD', KEYS[1], '*', unpack(ARGV, 3))
+return redis.call('XACK', KEYS[2], ARGV[1], ARGV[2])
+"""
 _ID = re.compile(r"^(\$|\d+(-\d+)?)$")
 _Ids = dict[str, list[bytes]]
 
@@ -125,6 +132,7 @@ class RedisStreamSource(Source[RedisStreamSourceConfig]):
         self._block_cap = cfg.socket_timeout / 2
         self._link: RedisLink = await open_link(cfg, self.context)
         self._r = self._link.client
+        self._move_script = self._r.register_script(_MOVE)
         try:
             for stream in cfg.streams:
                 await self._ensure_group(stream)
@@ -289,10 +297,13 @@ class RedisStreamSource(Source[RedisStreamSourceConfig]):
 
     async def _dead_letter(self, stream: str,
                            poison: list[tuple[bytes, dict[bytes, bytes], int]]) -> None:
+        """Copy each entry to the dead-letter stream, then XACK it, in one script per
+        entry: if the XADD fails (wrong type, no permission) the XACK does not run
+        and the entry stays pending, to be tried again at the next scan."""
         cfg = self.config
         target = cfg.dead_letter_stream.replace("{stream}", stream)
         p = cfg.header_prefix
-        pipe = self._r.pipeline(transaction=True)
+        pipe = self._r.pipeline(transaction=False)
         for entry_id, fields, delivered in poison:
             values: list[Any] = _flatten(fields.items())
             values += (
@@ -304,13 +315,21 @@ class RedisStreamSource(Source[RedisStreamSourceConfig]):
                 p + "Natsconn-Original-Subject", stream,
                 p + "Natsconn-Source-Id", f"{stream}:{entry_id.decode()}",
             )
-            pipe.execute_command("XADD", target, "*", *values)
-            pipe.execute_command("XACK", stream, self._group, entry_id)
-        await pipe.execute()
-        self.context.logger.warning(
-            "redis: %d entries of stream %s were delivered %d times or more without a "
-            "verdict; moved to %s", len(poison), stream, cfg.max_deliveries, target,
-            extra={"pipeline": self.context.pipeline})
+            await self._move_script(keys=[target, stream],
+                                    args=[self._group, entry_id, *values], client=pipe)
+        results = await pipe.execute(raise_on_error=False)
+        failed = [r for r in results if isinstance(r, Exception)]
+        moved = len(poison) - len(failed)
+        if moved:
+            self.context.logger.warning(
+                "redis: %d entries of stream %s were delivered %d times or more without a "
+                "verdict; moved to %s", moved, stream, cfg.max_deliveries, target,
+                extra={"pipeline": self.context.pipeline})
+        if failed:
+            self.context.logger.error(
+                "redis: %d entries of stream %s are over max_deliveries but could not be "
+                "moved to %s (they stay pending and are tried again): %s", len(failed),
+                stream, target, failed[0], extra={"pipeline": self.context.pipeline})
 
     async def _report_lag(self) -> None:
         """Entries not yet delivered to the group (XINFO GROUPS lag), summed."""

@@ -177,3 +177,27 @@ async def test_field_mapping(
     # no data field: empty data; no subject field: the stream's name
     assert (second.data, second.subject, dict(second.headers)) == (
         b"", stream, {"unrelated": "only"})
+
+
+async def test_a_dead_letter_stream_that_cannot_be_written_keeps_the_entry_pending(
+        r: aioredis.Redis, redis_address: tuple[str, int], unique: str) -> None:
+    stream = f"it:{unique}:stuck"
+    await r.set(f"{stream}:dead-letter", "a string, not a stream")
+    await r.xadd(stream, {"data": b"poison"})
+    source = await _open(_source(redis_address, stream, max_deliveries=1))
+    assert len(await collect(source, 1, 5, ack=False)) == 1
+    await source.close()
+    again = await _open(_source(redis_address, stream, max_deliveries=1))
+    try:
+        assert await collect(again, 1, 2) == []
+    finally:
+        await again.close()
+    assert await pending(r, stream, "g") == 1, "acknowledged although not dead-lettered"
+    await r.delete(f"{stream}:dead-letter")
+    third = await _open(_source(redis_address, stream, max_deliveries=1))
+    try:
+        assert await collect(third, 1, 2) == []
+    finally:
+        await third.close()
+    assert await pending(r, stream, "g") == 0
+    assert await r.xlen(f"{stream}:dead-letter") == 1
