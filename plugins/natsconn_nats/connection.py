@@ -90,10 +90,15 @@ async def open_connection(
     """
     log, meters = context.logger, context.meters
 
+    causes: list[str] = []  # what went wrong while first connecting
+
     async def on_error(exc: Exception) -> None:
         if isinstance(exc, nats.errors.SlowConsumerError):
             meters.dropped(1, "nats slow consumer: client pending limit exceeded")
             return
+        if not nc.is_connected:
+            causes.append(str(exc) or type(exc).__name__)
+            return  # the connect failure below says it once, with the address
         log.warning("nats: %s", exc or type(exc).__name__)
 
     async def on_disconnect() -> None:
@@ -135,7 +140,10 @@ async def open_connection(
             name=config.name or f"natsconn:{context.pipeline}:{context.role}",
             connect_timeout=config.connect_timeout,  # type: ignore[arg-type]
             reconnect_time_wait=config.reconnect_wait,  # type: ignore[arg-type]
-            max_reconnect_attempts=config.max_reconnect_attempts,
+            # The first connect tries each server twice and then fails with its cause,
+            # so a wrong address or credential is a clear error and a pipeline restart,
+            # not a silent loop; once connected, reconnects follow the configuration.
+            max_reconnect_attempts=1,
             ping_interval=config.ping_interval,  # type: ignore[arg-type]
             allow_reconnect=True,
             error_cb=on_error,
@@ -146,10 +154,11 @@ async def open_connection(
         )
     except Exception as exc:
         servers = ", ".join(config.servers)
-        reason = str(exc) or type(exc).__name__
+        reason = causes[-1] if causes else (str(exc) or type(exc).__name__)
         if isinstance(exc, ssl.SSLError | ssl.CertificateError):
             reason = f"TLS: {reason}"
         raise RetryableError(f"cannot connect to NATS at {servers}: {reason}") from None
+    nc.options["max_reconnect_attempts"] = config.max_reconnect_attempts
     return nc
 
 
