@@ -154,13 +154,14 @@ class RedisLink:
         self.context = context
         self.where = config.describe()
         self.down_since: float | None = None
+        self.was_up = False  # an outage needs a connection that worked first
         self.client: Redis = _make_client(config, context, self)
 
     # -- connection state -------------------------------------------------------
 
     def lost(self, exc: BaseException) -> None:
         """A command failed on the connection; counted once per outage."""
-        if self.down_since is not None:
+        if self.down_since is not None or not self.was_up:
             return
         self.down_since = time.monotonic()
         self.context.meters.disconnected()
@@ -170,6 +171,7 @@ class RedisLink:
     def restored(self) -> None:
         """An operation succeeded; ends an outage if there was one."""
         if self.down_since is None:
+            self.was_up = True
             return
         outage = time.monotonic() - self.down_since
         self.down_since = None
@@ -184,10 +186,11 @@ class RedisLink:
         try:
             await self.client.ping()
         except NoPermissionError:
-            return  # authenticated, but the ACL forbids PING: that is fine
+            pass  # authenticated, but the ACL forbids PING: that is fine
         except Exception as exc:
             await self.close()
             raise connect_error(self.config, exc) from None
+        self.restored()
 
     async def close(self) -> None:
         try:
