@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -17,13 +16,14 @@ from pathlib import Path
 from ._errors import ConfigError, PluginLoadError
 from ._units import parse_duration
 from .config.loader import LoadedFile, load_file
+from .docs_gen import option_rows
 from .engine.pipeline import PipelineState
 from .engine.supervisor import Supervisor
 from .ops import logs
 from .ops.http import OpsServer
 from .ops.metrics import REGISTRY
 from .registry import Kind, Registry
-from .schema import write_schemas
+from .schema import plugin_schema, write_schemas
 
 EXIT_CONFIG = 2
 log = logging.getLogger("natsconn.cli")
@@ -31,6 +31,7 @@ log = logging.getLogger("natsconn.cli")
 RUN_EXAMPLE = """example:
   natsconn run examples/quickstart.yaml
   natsconn run pipeline.yaml --log-format json --http-address 0.0.0.0:8080
+  natsconn run backfill.yaml --progress --until-idle 3s   # stop once everything is moved
 """
 VALIDATE_EXAMPLE = """example:
   natsconn validate pipeline.yaml && echo valid
@@ -122,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `natsconn plugins show kafka | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 def _validate(files: list[str]) -> int:
@@ -162,28 +166,41 @@ def _plugins(args: argparse.Namespace) -> int:
             print(f"error: no plugin named {args.name!r} ({near})", file=sys.stderr)
             return EXIT_CONFIG
         for kind, info in matches:
-            cls = registry.load(kind, info.name)
-            print(f"{kind} {info.name}  ({info.package} {info.version})")
-            print(f"  {cls.description()}")
-            schema = cls.Config.model_json_schema()
-            required = set(schema.get("required", []))
-            for field, prop in schema.get("properties", {}).items():
-                default = "" if field in required else f" = {json.dumps(prop.get('default'))}"
-                req = " (required)" if field in required else ""
-                desc = prop.get("description", "")
-                print(f"  {field}{req}{default}" + (f"\n      {desc}" if desc else ""))
-            print()
+            _show_plugin(registry, kind, info.name, f"{info.package} {info.version}")
         return 0
+    rows: list[tuple[str, str, str]] = []
     for kind in kinds:
-        infos = registry.infos(kind)
-        print(f"{kind}s:")
-        for info in infos:
+        rows.append((f"{kind}s:", "", ""))
+        for info in registry.infos(kind):
             try:
                 desc = registry.load(kind, info.name).description()
             except PluginLoadError as exc:
                 desc = f"(fails to load: {exc})"
-            print(f"  {info.name:<16} {info.package} {info.version:<8} {desc}")
+            rows.append((info.name, f"{info.package} {info.version}", desc))
+    name_w = max(len(r[0]) for r in rows if r[1])
+    pkg_w = max(len(r[1]) for r in rows)
+    for name, package, desc in rows:
+        print(f"  {name:<{name_w}}  {package:<{pkg_w}}  {desc}" if package else name)
     return 0
+
+
+def _show_plugin(registry: Registry, kind: Kind, name: str, package: str) -> None:
+    """One plugin's options, with the same types and defaults as docs/configuration.md."""
+    print(f"{kind} {name}  ({package})")
+    print(f"  {registry.load(kind, name).description()}")
+    print()
+    for row in option_rows(plugin_schema(kind, name, registry)):
+        default = row.default.replace("`", "").replace("**", "")
+        kind_of = row.type.replace("`", "")
+        if default == "required":
+            head = f"{row.name} (required, {kind_of})"
+        elif default == "see below":  # an option group; its keys follow
+            head = f"{row.name}  ({kind_of})"
+        else:
+            head = f"{row.name} = {default}  ({kind_of})"
+        print(f"  {head}" + (f"\n      {row.description.replace(chr(92) + '|', '|')}"
+                              if row.description else ""))
+    print()
 
 
 # ---------------------------------------------------------------------- run
