@@ -13,7 +13,6 @@ import json
 import time
 from enum import StrEnum
 
-from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import api
@@ -22,7 +21,7 @@ from pydantic import Field, model_validator
 
 from connector import Batch, ConnectorError, Duration, Message, PushBuffer, Source
 
-from .connection import NatsConnectionConfig, open_connection
+from .connection import Client, NatsConnectionConfig, open_connection
 
 _STATUS = "Status"
 _PENDING = "Nats-Pending-Messages"
@@ -64,33 +63,28 @@ class JetStreamSourceConfig(NatsConnectionConfig):
 
 
 class JetStreamAck:
-    """Acks for the messages of one batch, by their reply subjects."""
+    """Acks for the messages of one batch, by their reply subjects: one buffer
+    append per batch, not one publish per message."""
 
     __slots__ = ("_nc", "_replies")
 
-    def __init__(self, nc: NATS, replies: list[str]) -> None:
+    def __init__(self, nc: Client, replies: list[str]) -> None:
         self._nc = nc
         self._replies = replies
 
-    async def _send(self, payload: bytes) -> None:
-        publish = self._nc.publish
-        for reply in self._replies:
-            await publish(reply, payload)
-
     async def ack(self) -> None:
-        await self._send(b"+ACK")
+        await self._nc.publish_replies(self._replies, b"+ACK")
 
     async def nack(self, delay: float | None = None) -> None:
-        if delay:
-            await self._send(b'-NAK {"delay": %d}' % int(delay * 1e9))
-        else:
-            await self._send(b"-NAK")
+        payload = b'-NAK {"delay": %d}' % int(delay * 1e9) if delay else b"-NAK"
+        await self._nc.publish_replies(self._replies, payload)
 
     async def term(self, reason: str) -> None:
-        await self._send(b"+TERM " + " ".join(reason.split()).encode()[:512])
+        text = " ".join(reason.split()).encode()[:512]
+        await self._nc.publish_replies(self._replies, b"+TERM " + text)
 
     async def in_progress(self) -> None:
-        await self._send(b"+WPI")
+        await self._nc.publish_replies(self._replies, b"+WPI")
 
 
 def _metadata(reply: str) -> tuple[str, str, float, int]:
@@ -113,7 +107,7 @@ class JetStreamSource(Source[JetStreamSourceConfig]):
         self._requested = 0  # messages asked for and not yet arrived
         self._last_seen = time.monotonic()
         self._fatal: str | None = None
-        self._nc: NATS = await open_connection(cfg, self.context, self._on_reconnect)
+        self._nc: Client = await open_connection(cfg, self.context, self._on_reconnect)
         js = self._nc.jetstream(domain=cfg.domain)
         await self._ensure_stream(js)
         await self._ensure_consumer(js)
@@ -231,9 +225,8 @@ class JetStreamSource(Source[JetStreamSourceConfig]):
         try:
             if nc.is_connected:
                 await self._sub.unsubscribe()
-                unread = self._buffer.take_all()
-                for m in unread:  # hand them back now rather than after ack_wait
-                    await nc.publish(m.reply, b"-NAK")
+                unread = self._buffer.take_all()  # hand them back now, not after ack_wait
+                await nc.publish_replies([m.reply for m in unread], b"-NAK")
                 await nc.flush(timeout=5)
         except Exception as exc:
             self.context.logger.warning("closing jetstream source: %s", exc)
