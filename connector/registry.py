@@ -15,6 +15,7 @@ from importlib import metadata
 from typing import Any, Literal
 
 from stevedore import DriverManager
+from stevedore.exception import NoMatches
 
 from ._errors import PluginLoadError
 from ._plugin import Plugin, Sink, Source, Transform
@@ -126,11 +127,17 @@ class Registry:
             failures.append(exc)
 
         try:
-            manager: DriverManager[Any] = DriverManager(
-                NAMESPACES[kind], name, invoke_on_load=False,
-                on_load_failure_callback=on_failure,
-            )
-            plugin = manager.driver
+            try:
+                manager: DriverManager[Any] = DriverManager(
+                    NAMESPACES[kind], name, invoke_on_load=False,
+                    on_load_failure_callback=on_failure,
+                )
+                plugin = manager.driver
+            except NoMatches:
+                # stevedore's on-disk entry-point cache can lag behind a pip install
+                # (seen when it was written mid-install); the metadata just read is
+                # the truth, so load from it rather than call the plugin missing.
+                plugin = _entry_point(kind, name, info.target).load()
         except Exception as exc:
             cause = failures[0] if failures else exc
             raise PluginLoadError(
@@ -145,3 +152,10 @@ class Registry:
             )
         self._cache[key] = plugin
         return plugin
+
+
+def _entry_point(kind: Kind, name: str, target: str) -> metadata.EntryPoint:
+    for ep in metadata.entry_points(group=NAMESPACES[kind]):
+        if ep.name == name and ep.value == target:
+            return ep
+    raise PluginLoadError(f"{kind} plugin {name!r} ({target}) is no longer installed")

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.errors import BadSubjectError
+from nats.errors import BadHeaderError, BadSubjectError
 from nats.js.errors import NotFoundError
 from pydantic import Field
 
@@ -136,9 +136,13 @@ class JetStreamSink(Sink[JetStreamSinkConfig]):
                         headers["Nats-Expected-Stream"] = expected
                     await nc.publish(subject, m.data, reply=prefix + str(i),
                                      headers=headers or None)
-                except (RejectedError, BadSubjectError) as exc:
+                except (RejectedError, BadSubjectError, BadHeaderError, UnicodeError) as exc:
                     if isinstance(exc, BadSubjectError):
                         exc = RejectedError(f"invalid NATS subject for message {i}")
+                    elif isinstance(exc, BadHeaderError | UnicodeError):
+                        # A header name NATS cannot carry, or a value that is not
+                        # UTF-8 (e.g. raw bytes from a Kafka header): poison, not retry.
+                        exc = RejectedError(f"header NATS cannot carry in message {i}: {exc}")
                     state.errors[i] = exc
                     state.seen[i] = 1
                     state.remaining -= 1
