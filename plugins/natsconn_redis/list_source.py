@@ -148,7 +148,8 @@ class RedisListSource(Source[RedisListSourceConfig]):
             self.context.logger.warning(
                 "redis: %d element(s) left in %s by an earlier run went back to the front "
                 "of %s", back, self._processing, cfg.key)
-        self._task = asyncio.create_task(self._keep_alive(), name="redis-list-lease")
+        self._task: asyncio.Task[None] | None = asyncio.create_task(
+            self._keep_alive(), name="redis-list-lease")
 
     def _list_name(self, consumer: str) -> str:
         return (self.config.processing_list.replace("{key}", self.config.key)
@@ -238,13 +239,13 @@ class RedisListSource(Source[RedisListSourceConfig]):
 
     async def close(self) -> None:
         task = getattr(self, "_task", None)
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
         link = getattr(self, "_link", None)
-        if link is None:
-            return
+        if task is None or link is None:
+            return  # never connected, connect failed (and cleaned up), or closed
+        self._task = None
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
         with contextlib.suppress(Exception):
             # Let the others recover at once whatever is still ours.
             if await self._r.llen(self._processing):
