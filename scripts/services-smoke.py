@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Smoke-check the local services started by scripts/services.
 
-Usage:  eval "$(scripts/services env)"; .venv/bin/python scripts/services-smoke.py [nats kafka redis postgres]
+Usage:
+    eval "$(scripts/services env)"
+    .venv/bin/python scripts/services-smoke.py [nats kafka redis postgres]
 
 For each service: write one message and read it back. Prints one line per check;
 exits non-zero on the first failure. Needs nats-py, aiokafka, redis, asyncpg.
@@ -12,6 +14,7 @@ is safe to run while other tests use the same servers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import sys
@@ -90,10 +93,8 @@ async def check_kafka() -> str:
     await admin.start()
     try:
         await admin.delete_topics(topics)
-        try:
+        with contextlib.suppress(Exception):
             await admin.delete_consumer_groups([f"smoke-{TOKEN}"])
-        except Exception:  # noqa: BLE001 - best effort
-            pass
     finally:
         await admin.close()
     return "PLAINTEXT + SASL " + ",".join(mechs) + " produce/consume"
@@ -132,7 +133,12 @@ async def check_postgres() -> str:
         await conn.close()
 
 
-CHECKS = {"nats": check_nats, "kafka": check_kafka, "redis": check_redis, "postgres": check_postgres}
+CHECKS = {
+    "nats": check_nats,
+    "kafka": check_kafka,
+    "redis": check_redis,
+    "postgres": check_postgres,
+}
 
 
 async def main(names: list[str]) -> int:
@@ -140,7 +146,7 @@ async def main(names: list[str]) -> int:
         t = time.monotonic()
         try:
             detail = await CHECKS[name]()
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             print(f"[smoke] {name}: FAILED: {type(exc).__name__}: {exc}")
             return 1
         print(f"[smoke] {name}: ok in {time.monotonic() - t:.2f}s - {detail}")
@@ -148,5 +154,6 @@ async def main(names: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)  # topic auto-create chatter (logged as errors)
+    # aiokafka logs topic auto-creation chatter as errors
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
     sys.exit(asyncio.run(main(sys.argv[1:])))
