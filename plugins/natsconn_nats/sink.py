@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 
 from nats.aio.client import Client as NATS
 from nats.errors import BadSubjectError
 from pydantic import Field
 
-from connector import AddressTemplate, Message, PartialWriteError, RejectedError, Sink
+from connector import (
+    AddressTemplate,
+    Message,
+    PartialWriteError,
+    RejectedError,
+    RetryableError,
+    Sink,
+)
 
 from .connection import NatsConnectionConfig, nats_error, open_connection
 
@@ -27,7 +35,32 @@ class NatsSink(Sink[NatsSinkConfig]):
 
     async def connect(self) -> None:
         self._template = AddressTemplate(self.config.subject)
-        self._nc: NATS = await open_connection(self.config, self.context)
+        # Resolved, and replaced, at each reconnect (see _flush).
+        self._reconnect: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._nc: NATS = await open_connection(self.config, self.context, self._on_reconnect)
+
+    async def _on_reconnect(self) -> None:
+        done, self._reconnect = self._reconnect, asyncio.get_running_loop().create_future()
+        done.set_result(None)
+
+    async def _flush(self, reconnect: asyncio.Future[None]) -> None:
+        """``nc.flush()``, but give up as soon as the connection was replaced.
+
+        nats-py forgets the PING of a flush when it reconnects, so that flush
+        only ends at its timeout; and what went to the lost connection is gone.
+        """
+        timeout = self.config.flush_timeout
+        flush = asyncio.ensure_future(self._nc.flush(timeout=timeout))  # type: ignore[arg-type]
+        try:
+            await asyncio.wait((flush, reconnect), return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            flush.cancel()
+            raise
+        if flush.done():
+            flush.result()  # flushed, or the flush's own error
+            return
+        flush.cancel()
+        raise RetryableError("nats: the connection was lost during the write (reconnected)")
 
     async def write_batch(self, messages: Sequence[Message]) -> None:
         nc = self._nc
@@ -35,6 +68,13 @@ class NatsSink(Sink[NatsSinkConfig]):
         max_payload = nc.max_payload
         rejected: dict[int, RejectedError] = {}
         try:
+            if nc.is_reconnecting:  # publish on the new connection, not into a lost one
+                try:
+                    await asyncio.wait_for(asyncio.shield(self._reconnect),
+                                           self.config.flush_timeout)
+                except TimeoutError:
+                    raise RetryableError("nats: not connected (reconnecting)") from None
+            reconnect = self._reconnect
             for i, m in enumerate(messages):
                 try:
                     subject = render(m)
@@ -50,7 +90,9 @@ class NatsSink(Sink[NatsSinkConfig]):
                     await nc.publish(subject, m.data, headers=dict(m.headers) or None)
                 except BadSubjectError:
                     rejected[i] = RejectedError(f"invalid NATS subject {subject!r}")
-            await nc.flush(timeout=self.config.flush_timeout)  # type: ignore[arg-type]
+            await self._flush(reconnect)
+        except RetryableError:
+            raise
         except Exception as exc:
             raise nats_error(exc) from exc
         if rejected:
@@ -58,8 +100,9 @@ class NatsSink(Sink[NatsSinkConfig]):
 
     async def close(self) -> None:
         nc = getattr(self, "_nc", None)
-        if nc is not None:
+        if nc is not None and not nc.is_closed:
             try:
-                await nc.flush(timeout=5)
+                if nc.is_connected:
+                    await nc.flush(timeout=5)
             finally:
                 await nc.close()

@@ -49,6 +49,10 @@ class NatsSource(Source[NatsSourceConfig]):
                 pending_msgs_limit=cfg.pending_messages_limit,
                 pending_bytes_limit=cfg.pending_bytes_limit,
             ))
+        # nats-py writes a flush's PING straight to the socket, ahead of the SUBs
+        # still queued for its flusher task: only the second round trip proves
+        # that the server holds the subscriptions.
+        await self._nc.flush()
         await self._nc.flush()
 
     async def read_batch(self, max_messages: int, max_wait: float) -> Batch | None:
