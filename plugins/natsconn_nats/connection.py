@@ -6,9 +6,13 @@ verification off, and natsconn never falls back to plain text by itself.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
 import nats
 from nats.aio.client import Client as NATS
@@ -81,6 +85,28 @@ class Client(NATS):
         if self._flush_queue is not None and self._flush_queue.empty():
             await self._flush_pending()
 
+    # Set by open_connection when TLS is configured (a tls block or a tls:// URL).
+    require_tls = False
+
+    async def _process_info(self, info: dict[str, Any], initial_connection: bool = False
+                            ) -> None:
+        """Never plain text when TLS is configured.
+
+        nats-py upgrades to TLS only when the server's INFO says
+        ``tls_required``; otherwise it sends CONNECT, credentials included, in
+        plain text even with a TLS context and a ``tls://`` URL. Here a server
+        that offers TLS (``tls_available``) is upgraded anyway, and one that does
+        not offer it is refused before anything is sent.
+        """
+        if (initial_connection and self.require_tls and not info.get("tls_required")
+                and not self.options.get("tls_handshake_first")):
+            if not info.get("tls_available"):
+                raise nats.errors.Error(
+                    "nats: TLS is configured but the server does not offer TLS; refusing "
+                    "to connect in plain text")
+            info["tls_required"] = True  # nats-py reads this very dict next: upgrade
+        await super()._process_info(info, initial_connection)
+
     async def _process_pong(self) -> None:
         if self._pongs:
             future = self._pongs.pop(0)
@@ -110,14 +136,19 @@ async def open_connection(
     """
     log, meters = context.logger, context.meters
 
-    causes: list[str] = []  # what went wrong while first connecting
+    causes: list[Exception] = []  # what went wrong while first connecting
+    # A certificate we rejected: retrying cannot help, and nats-py (2.16) then hangs
+    # closing the socket it tried to upgrade, so the first connect stops waiting.
+    rejected_certificate = asyncio.Event()
 
     async def on_error(exc: Exception) -> None:
         if isinstance(exc, nats.errors.SlowConsumerError):
             meters.dropped(1, "nats slow consumer: client pending limit exceeded")
             return
         if not nc.is_connected:
-            causes.append(str(exc) or type(exc).__name__)
+            causes.append(exc)
+            if isinstance(exc, ssl.SSLCertVerificationError | ssl.CertificateError):
+                rejected_certificate.set()
             return  # the connect failure below says it once, with the address
         log.warning("nats: %s", exc or type(exc).__name__)
 
@@ -154,8 +185,9 @@ async def open_connection(
             kwargs["tls_hostname"] = config.tls.hostname
         kwargs["tls_handshake_first"] = config.tls.handshake_first
     nc = Client()
-    try:
-        await nc.connect(
+    nc.require_tls = config.tls is not None or any(
+        urlsplit(url).scheme == "tls" for url in config.servers)
+    connecting = asyncio.ensure_future(nc.connect(
             servers=config.servers,
             name=config.name or f"natsconn:{context.pipeline}:{context.role}",
             connect_timeout=config.connect_timeout,  # type: ignore[arg-type]
@@ -171,15 +203,54 @@ async def open_connection(
             reconnected_cb=on_reconnect,
             pending_size=64 * 1024 * 1024,
             **kwargs,  # type: ignore[arg-type]
-        )
-    except Exception as exc:
-        servers = ", ".join(config.servers)
-        reason = causes[-1] if causes else (str(exc) or type(exc).__name__)
-        if isinstance(exc, ssl.SSLError | ssl.CertificateError):
+        ))
+    # Each server twice, each attempt: TCP connect, INFO, TLS handshake, PONG.
+    budget = len(config.servers) * 2 * (4 * config.connect_timeout + config.reconnect_wait)
+    rejected = asyncio.ensure_future(rejected_certificate.wait())
+    try:
+        await asyncio.wait({connecting, rejected}, timeout=budget,
+                           return_when=asyncio.FIRST_COMPLETED)
+        if not connecting.done():  # give nats-py a moment to report for itself
+            await asyncio.wait({connecting}, timeout=1.0)
+    finally:
+        rejected.cancel()
+        if not connecting.done():
+            connecting.cancel()
+            with contextlib.suppress(BaseException):
+                await connecting
+    failure = (connecting.exception() if not connecting.cancelled()
+               else TimeoutError(f"no connection within {budget:g}s"))
+    if failure is not None:
+        cause = _telling(causes) or failure
+        reason = str(cause) or type(cause).__name__
+        if isinstance(cause, ssl.SSLError | ssl.CertificateError):
             reason = f"TLS: {reason}"
-        raise RetryableError(f"cannot connect to NATS at {servers}: {reason}") from None
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(nc.close(), 2.0)
+        raise RetryableError(f"cannot connect to NATS at {describe_servers(config.servers)}: "
+                             f"{reason}")
     nc.options["max_reconnect_attempts"] = config.max_reconnect_attempts
     return nc
+
+
+def _telling(causes: list[Exception]) -> Exception | None:
+    """The cause worth reporting: an authorization or TLS failure rather than the
+    connection reset that follows it, else the last one."""
+    for exc in reversed(causes):
+        if isinstance(exc, nats.errors.AuthorizationError | ssl.SSLError
+                      | ssl.CertificateError) or "Authorization" in str(exc):
+            return exc
+    return causes[-1] if causes else None
+
+
+def describe_servers(servers: list[str]) -> str:
+    """The server URLs for messages, without user, password or token."""
+    out = []
+    for url in servers:
+        parts = urlsplit(url if "://" in url else f"nats://{url}")
+        netloc = parts.netloc.rpartition("@")[2]
+        out.append(f"{parts.scheme}://{netloc}")
+    return ", ".join(out)
 
 
 def nats_error(exc: BaseException) -> RetryableError:
