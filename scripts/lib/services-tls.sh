@@ -5,7 +5,7 @@
 # plain servers (used by every other test at the same time) are never touched:
 #
 #   nats-tls      4223 TLS, client certificate required (tls { verify: true }), JetStream
-#                 4224 users: user/password and an NKey user
+#                 4224 users: user/password and an NKey user; TLS offered, not required
 #                 4225 token
 #                 4226 operator mode (user JWT in a .creds file), only when `nsc` was built
 #   kafka-tls     a second single-node KRaft broker: SASL_SSL (SCRAM-SHA-256/512) on 9194,
@@ -170,6 +170,13 @@ EOF
 server_name: natsconn_auth
 listen: $SVC_HOST:$NATS_AUTH_PORT
 pid_file: "$d/auth.pid"
+# TLS offered but not required: a client configured for TLS must upgrade (natsconn
+# does), a plain client still connects.
+tls {
+  cert_file: "$t/server.pem"
+  key_file: "$t/server.key"
+}
+allow_non_tls: true
 authorization {
   users: [
     { user: "$NATS_TLS_USER", password: "$NATS_TLS_PASSWORD" }
