@@ -204,6 +204,11 @@ class _AiokafkaLogs(logging.Filter):
             return True
         if self.active:
             message = record.getMessage()
+            # aiokafka formats the error with %s: ConnectionResetError() reads as
+            # nothing at all. Name its type then.
+            last = record.args[-1] if isinstance(record.args, tuple) and record.args else None
+            if isinstance(last, BaseException) and not str(last):
+                message += type(last).__name__
             for sink in self.active:
                 sink.append(message)
             return False
@@ -277,6 +282,13 @@ async def start_client(
             reason = _cause(lines, exc)
         if len(config.bootstrap_servers) == 1:
             reason = reason.removeprefix(f"{config.bootstrap_servers[0]}: ")
+        if config.security_protocol in (SecurityProtocol.SSL, SecurityProtocol.SASL_SSL) and (
+                "ConnectionResetError" in reason or "closed" in reason):
+            reason += (" (the broker closed the connection during the TLS handshake: is "
+                       "this a TLS listener? check security_protocol and the port)")
+        elif reason.endswith(" closed"):
+            reason += (" (the broker closed the connection at once: if this listener wants "
+                       "TLS, use security_protocol SSL or SASL_SSL)")
         with contextlib.suppress(Exception):  # the start error is the one worth reporting
             await stop()
         raise RetryableError(f"cannot start Kafka {what} at {servers}: {reason}") from None
