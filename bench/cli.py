@@ -42,9 +42,14 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--runs", type=int, default=3, help="timed runs per measurement "
                      "(default 3; the median and range are reported)")
     run.add_argument("--no-warmup", action="store_true", help="skip the warm-up run")
+    run.add_argument("--pipeline-only", action="store_true",
+                     help="skip the raw legs (for comparing natsconn changes; no ratios)")
     run.add_argument("--batch", type=int, default=1000, help="batch size (default 1000)")
     run.add_argument("--max-in-flight", type=int, default=4, help="concurrent batches "
                      "(default 4)")
+    run.add_argument("--prefetch", type=int, default=2000, help="JetStream pull window, for "
+                     "the source plugin and the raw pull leg alike (default 2000, the "
+                     "plugin's default)")
     run.add_argument("--storage", choices=["file", "memory"], default="file",
                      help="JetStream stream storage (default file)")
     run.add_argument("--loop", choices=["uvloop", "asyncio"],
@@ -57,6 +62,19 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default=str(REPO / "bench" / "results"),
                      help="directory for the JSON and latest.md")
     sub.add_parser("list", help="list pairs and raw legs")
+    rep = sub.add_parser("report", help="print the Markdown table of a results JSON")
+    rep.add_argument("file", help="bench/results/<timestamp>.json")
+    prof = sub.add_parser("profile", help="one pipeline run with py-spy attached to natsconn; "
+                          "prints where its CPU goes",
+                          epilog="example:\n  python -m bench profile jetstream:nats --size 128",
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    prof.add_argument("pair", help="SOURCE:SINK")
+    prof.add_argument("--size", type=int, default=128)
+    prof.add_argument("--count", type=int, help="messages (default: the pair's count)")
+    prof.add_argument("--top", type=int, default=25, help="functions listed (default 25)")
+    prof.add_argument("--no-start", action="store_true")
+    prof.add_argument("--out", help="keep the collapsed stacks here (default "
+                      "bench/results/profile-<pair>-<size>.txt)")
     return top
 
 
@@ -138,8 +156,10 @@ def _run(args: argparse.Namespace) -> int:
     opts = Options(
         pairs=pairs, sizes=sizes, runs=1 if args.quick else args.runs,
         warmup=not (args.quick or args.no_warmup), quick=args.quick, count=args.count,
-        batch=args.batch, max_in_flight=args.max_in_flight, storage=args.storage,
+        batch=args.batch, max_in_flight=args.max_in_flight, prefetch=args.prefetch,
+        storage=args.storage,
         loop=_loop(args.loop), noise=args.noise, env=_service_env(),
+        raw_legs=not args.pipeline_only,
     )
     if args.quick:
         opts.max_extra = 0
@@ -158,12 +178,51 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _profile(args: argparse.Namespace) -> int:
+    from .profile import py_spy, summarise
+
+    py_spy()
+    pair = _select(args.pair)[0]
+    if not args.no_start:
+        _start_services([pair])
+    opts = Options(pairs=[pair], sizes=[args.size], runs=1, warmup=False, count=args.count,
+                   loop=_loop(None), env=_service_env())
+    out = Path(args.out) if args.out else (
+        REPO / "bench" / "results" / f"profile-{pair.source}-{pair.sink}-{args.size}.txt")
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    async def go() -> None:
+        async with Harness(opts) as harness:
+            harness.profile_to = out
+            params = harness.params(pair, args.size)
+            src, dst = harness.endpoints[pair.source], harness.endpoints[pair.sink]
+            if pair.engine_only:
+                sample = await harness.engine_once(pair, src, dst, params)
+            else:
+                sample = await harness.pipeline_once(pair, src, dst, params)
+            harness._line(f"{pair.name} {args.size}B", "profiled run (py-spy attached, "
+                          "slower than usual)", sample)
+
+    asyncio.run(go())
+    print(summarise(out, args.top))
+    print(f"collapsed stacks: {out}", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     load_all()
     try:
         if args.command == "list":
             return _list()
+        if args.command == "profile":
+            return _profile(args)
+        if args.command == "report":
+            from . import report
+
+            results, cond = report.load(Path(args.file))
+            print(report.markdown(results, cond))
+            return 0
         return _run(args)
     except BenchError as exc:
         print(f"bench: {exc}", file=sys.stderr)

@@ -56,10 +56,16 @@ class Sample:
     def cpu_per_message(self) -> float:
         return self.cpu_seconds / self.messages if self.messages else 0.0
 
+    @property
+    def cores(self) -> float:
+        """CPU use over the window: 1.0 is one core busy all the time (CPU-bound)."""
+        return self.cpu_seconds / self.seconds if self.seconds > 0 else 0.0
+
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
         out["rate"] = self.rate
         out["cpu_per_message"] = self.cpu_per_message
+        out["cores"] = self.cores
         return out
 
     @classmethod
@@ -102,6 +108,10 @@ class Stats:
             else 0.0
 
     @property
+    def cores(self) -> float:
+        return statistics.median([s.cores for s in self.samples]) if self.samples else 0.0
+
+    @property
     def peak_rss(self) -> int:
         return max((s.peak_rss for s in self.samples), default=0)
 
@@ -124,6 +134,7 @@ class Stats:
             "rate_min": self.rate_min,
             "rate_max": self.rate_max,
             "cpu_per_message_median": self.cpu_per_message,
+            "cores_median": self.cores,
             "peak_rss_max": self.peak_rss,
             "load_max": self.load,
             "other_cores_max": self.other_cores,

@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .model import Params, Sample, Stats
+from .registry import PAIRS
 from .runner import REPO, Measured, Options, PairResult
 
 
@@ -53,6 +55,7 @@ def conditions(opts: Options, described: dict[str, str], started: float) -> dict
         "batch_max_messages": opts.batch,
         "batch_max_wait": "20ms",
         "max_in_flight": opts.max_in_flight,
+        "jetstream_prefetch": opts.prefetch,
         "jetstream_storage": opts.storage,
         "runs": opts.runs,
         "warmup": "one run at a quarter of the count" if opts.warmup else "none",
@@ -84,16 +87,16 @@ def markdown(results: list[PairResult], cond: dict[str, Any]) -> str:
     out = ["# natsconn benchmark", ""]
     out.append("| pipeline | size | count | pipeline msg/s (range) | raw consume leg | "
                "raw produce leg | ratio | target | CPU µs/msg (pipeline / raw sum) | "
-               "peak RSS | delivered |")
-    out.append("|---|---|---|---|---|---|---|---|---|---|---|")
+               "natsconn CPU use | peak RSS | delivered |")
+    out.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         p = r.pipeline
         if r.pair.engine_only:
             target = f">= {_rate(r.pair.target_rate or 0)} msg/s: {_mark(r.holds)}"
             out.append(f"| {r.pair.name} (engine) | {r.size} B | {r.params.count:,} | "
                        f"{_range(p)} | - | - | - | {target} | "
-                       f"{_us(p.stats.cpu_per_message)} / - | {p.stats.peak_rss / 2**20:.0f} MiB"
-                       f" | - |")
+                       f"{_us(p.stats.cpu_per_message)} / - | {p.stats.cores:.2f} cores | "
+                       f"{p.stats.peak_rss / 2**20:.0f} MiB | - |")
             continue
         bc, bp = r.best_consume, r.best_produce
         consume = f"{_rate(bc.stats.rate)} ({bc.endpoint}/{bc.technique})" if bc else "-"
@@ -109,15 +112,19 @@ def markdown(results: list[PairResult], cond: dict[str, Any]) -> str:
         target = f">= {r.pair.target_ratio}: {_mark(r.holds)}"
         out.append(f"| {r.pair.name} | {r.size} B | {r.params.count:,} | {_range(p)} | "
                    f"{consume} | {produce} | {ratio} | {target} | {cpu} | "
-                   f"{p.stats.peak_rss / 2**20:.0f} MiB | {got} |")
+                   f"{p.stats.cores:.2f} cores | {p.stats.peak_rss / 2**20:.0f} MiB | {got} |")
     out += ["", "Ratio: the pipeline's median rate over the slower of the best raw consume and "
-            "the best raw produce leg, measured in the same run with the same batching.", ""]
+            "the best raw produce leg, measured in the same run with the same batching. "
+            "CPU µs/msg: natsconn's user+sys time per message against the sum of those two "
+            "legs' (target <= 1.3x). CPU use: natsconn's CPU seconds per second over the "
+            "window (1.00 = one core busy throughout: CPU-bound).", ""]
     legs = [m for r in results for m in (*r.consume, *r.produce)]
     seen: set[int] = set()
     if legs:
         out += ["## Raw legs", "",
-                "| leg | technique | size | msg/s (range) | CPU µs/msg | peak RSS | notes |",
-                "|---|---|---|---|---|---|---|"]
+                "| leg | technique | size | msg/s (range) | CPU µs/msg | CPU use | peak RSS | "
+                "notes |",
+                "|---|---|---|---|---|---|---|---|"]
         for m in legs:
             if id(m) in seen:
                 continue
@@ -128,7 +135,7 @@ def markdown(results: list[PairResult], cond: dict[str, Any]) -> str:
             if fed:
                 notes.append(fed[0] + " (run 1)")
             out.append(f"| {m.kind} {m.endpoint} | {m.technique} | {m.params.size} B | "
-                       f"{_range(m)} | {_us(m.stats.cpu_per_message)} | "
+                       f"{_range(m)} | {_us(m.stats.cpu_per_message)} | {m.stats.cores:.2f} | "
                        f"{m.stats.peak_rss / 2**20:.0f} MiB | {'; '.join(notes) or ''} |")
         out.append("")
     out += ["## Conditions", ""]
@@ -156,3 +163,22 @@ def write(results: list[PairResult], cond: dict[str, Any], out_dir: Path) -> tup
     md_path = out_dir / "latest.md"
     md_path.write_text(markdown(results, cond))
     return json_path, md_path
+
+
+def _measured(j: dict[str, Any]) -> Measured:
+    stats = Stats([Sample.from_json(x) for x in j["samples"]],
+                  [Sample.from_json(x) for x in j.get("discarded", [])])
+    return Measured(j["kind"], j["endpoint"], j["technique"], Params.from_json(j["params"]),
+                    stats)
+
+
+def load(path: Path) -> tuple[list[PairResult], dict[str, Any]]:
+    """Read a results JSON back (``python -m bench report FILE``)."""
+    data = json.loads(path.read_text())
+    results = []
+    for r in data["results"]:
+        results.append(PairResult(
+            PAIRS[r["pair"]], r["size"], Params.from_json(r["params"]),
+            _measured(r["pipeline"]), [_measured(m) for m in r["consume"]],
+            [_measured(m) for m in r["produce"]], r.get("error")))
+    return results, data["conditions"]

@@ -34,6 +34,7 @@ from typing import Any
 from .endpoint import Endpoint
 from .model import Params, Place, Sample, Stats
 from .procs import Child, CpuMeter, find_pids
+from .profile import Recorder
 from .registry import ENDPOINTS, Pair
 
 REPO = Path(__file__).resolve().parent.parent
@@ -59,10 +60,13 @@ class Options:
     count: int | None = None  # overrides every pair's count
     batch: int = 1000
     max_in_flight: int = 4
+    prefetch: int = 2000
     storage: str = "file"
     loop: str = "uvloop"
     noise: float = 0.35  # a run whose foreign CPU exceeds this many cores is noisy
     max_extra: int = 3  # reruns allowed per measurement to replace noisy runs
+    quiet_wait: float = 120.0  # longest wait for the machine to quieten before a run
+    raw_legs: bool = True  # False: pipelines only (comparing natsconn versions)
     env: dict[str, str] = field(default_factory=dict)
 
 
@@ -167,7 +171,7 @@ class Harness:
         self.meter = CpuMeter(find_pids("nats-server"))
         self._cache: dict[str, Measured] = {}
         self._tmp = REPO / "bench" / "results" / "tmp"
-        self.step = 0
+        self.profile_to: Path | None = None  # set by `bench profile`: py-spy output
 
     # ------------------------------------------------------------------ setup
 
@@ -207,7 +211,7 @@ class Harness:
         count = o.count or (pair.quick_count if o.quick else pair.count)
         src = ENDPOINTS[pair.source]
         return Params(size=size, count=count, batch=o.batch, max_in_flight=o.max_in_flight,
-                      ids=src.gives_ids, storage=o.storage)
+                      prefetch=o.prefetch, ids=src.gives_ids, storage=o.storage)
 
     async def run_pair(self, pair: Pair, size: int) -> PairResult:
         params = self.params(pair, size)
@@ -219,11 +223,11 @@ class Harness:
             return PairResult(pair, size, params,
                               Measured("engine", pair.name, "natsconn engine", params, stats))
         consume = []
-        for technique in src.consume_legs:
+        produce = []
+        for technique in src.consume_legs if self.opts.raw_legs else ():
             consume.append(await self.raw(label, src, "consume", technique,
                                           replace(params, ids=False)))
-        produce = []
-        for technique in dst.produce_legs:
+        for technique in dst.produce_legs if self.opts.raw_legs else ():
             produce.append(await self.raw(label, dst, "produce", technique, params))
         stats = await self.measure(f"{label} | pipeline natsconn run", params.count,
                                    lambda p: self.pipeline_once(pair, src, dst, p), params)
@@ -251,12 +255,14 @@ class Harness:
         o = self.opts
         if o.warmup:
             warm = replace(params, count=max(params.count // 4, min(params.count, 1000)))
+            await self.quiet()
             sample = await once(warm)
             self._line(label, "warm-up", sample)
         samples: list[Sample] = []
         extra = 0
         while True:
             n = len(samples) + 1
+            await self.quiet()
             sample = await once(params)
             samples.append(sample)
             noisy = sample.other_cores > o.noise
@@ -270,13 +276,32 @@ class Harness:
         ranked = sorted(samples, key=lambda s: s.other_cores)
         return Stats(ranked[:o.runs], ranked[o.runs:])
 
+    async def quiet(self) -> None:
+        """Wait (up to ``quiet_wait``) until other processes use less than ``noise``
+        cores, sampled over half a second: other helpers' test runs come and go."""
+        deadline = time.monotonic() + self.opts.quiet_wait
+        said = False
+        while True:
+            self.meter.start()
+            await asyncio.sleep(0.5)
+            other = self.meter.other_cores(0.0)
+            if other <= self.opts.noise:
+                return
+            if time.monotonic() > deadline:
+                self.say(f"machine still busy ({other:.2f} other cores); measuring anyway")
+                return
+            if not said:
+                self.say(f"waiting for the machine to quieten ({other:.2f} other cores busy)")
+                said = True
+
     def _line(self, label: str, what: str, s: Sample) -> None:
         drop = ""
         if s.delivered is not None and s.delivered < s.messages:
             drop = f" | {s.delivered} delivered"
         notes = f" | {'; '.join(s.notes)}" if s.notes else ""
         self.say(f"{time.strftime('%H:%M:%S')} {label} | {what} | {s.rate:>11,.0f} msg/s | "
-                 f"{s.cpu_per_message * 1e6:6.2f} us/msg CPU | rss {_mib(s.peak_rss)} | "
+                 f"{s.cpu_per_message * 1e6:6.2f} us/msg CPU ({s.cores:.2f} cores) | "
+                 f"rss {_mib(s.peak_rss)} | "
                  f"load {s.load:.2f} | other {s.other_cores:.2f} cores{drop}{notes}")
 
     # ------------------------------------------------------------ one run each
@@ -289,11 +314,13 @@ class Harness:
 
     async def _worker(self, spec: dict[str, Any],
                       on_ready: Callable[[], Feed] | None = None,
+                      profile: Path | None = None,
                       ) -> tuple[Sample, float, tuple[Sample, float] | None]:
         """Run a worker; returns its sample, its whole-life CPU and, when a live
         feed was started on READY, the feeder's sample and CPU."""
         spec = {"env": self.opts.env, "loop": self.opts.loop, **spec}
         child = Child(self._worker_argv(spec), env=self._child_env(), cwd=str(REPO))
+        recorder = Recorder(child.pid, profile) if profile is not None else None
         result: Sample | None = None
         feed: asyncio.Task[tuple[Sample, float]] | None = None
         try:
@@ -308,6 +335,8 @@ class Harness:
         finally:
             if result is None:
                 child.kill()
+            if recorder is not None:
+                await asyncio.to_thread(recorder.stop)
             await child.reap()
         fed = await feed if feed is not None else None
         if result is None:
@@ -319,7 +348,9 @@ class Harness:
     def _child_env(self) -> dict[str, str]:
         env = dict(os.environ)
         env.update(self.opts.env)
-        env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+        # The code of this tree, even when another checkout is installed in the venv.
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(REPO), str(REPO / "plugins"), env.get("PYTHONPATH", "")])
         return env
 
     async def _produce(self, ep: Endpoint, place: Place, params: Params,
@@ -363,7 +394,8 @@ class Harness:
         config = self.pipeline_config(pair, src.source_block({}, params),
                                       dst.sink_block({}, params), params, http=None)
         self.meter.start()
-        sample, cpu, _ = await self._worker({"mode": "engine", "config": config})
+        sample, cpu, _ = await self._worker({"mode": "engine", "config": config},
+                                            profile=self.profile_to)
         sample.other_cores = self.meter.other_cores(cpu)
         return sample
 
@@ -402,10 +434,15 @@ class Harness:
             child = Child([sys.executable, "-m", "connector.cli", "run", str(path)],
                           env=self._child_env(), cwd=str(REPO))
             await self._wait_ready(child, port)
+            recorder = Recorder(child.pid, self.profile_to) if self.profile_to else None
             feed: asyncio.Task[tuple[Sample, float]] | None = None
             if not src.durable:
                 feed = asyncio.create_task(self._produce(src, src_place, feed_params))
-            sample = await self._watch(child, dst, dst_place, params.count, feed)
+            try:
+                sample = await self._watch(child, dst, dst_place, params.count, feed)
+            finally:
+                if recorder is not None:
+                    await asyncio.to_thread(recorder.stop)
             sample.peak_rss = child.hwm()
             child.terminate()
             await child.reap()
