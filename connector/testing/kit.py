@@ -388,7 +388,7 @@ class _Live:
 
     async def aclose(self) -> None:
         for plugin in reversed(self._open):
-            with contextlib.suppress(Exception, AssertionError):
+            with contextlib.suppress(Exception):
                 await _bounded(plugin.close(), self.close_timeout, "close()")
         self._open.clear()
 
