@@ -347,8 +347,25 @@ def connect_error(config: RedisConnectionConfig, exc: BaseException) -> Connecto
             f"redis at {where}: authentication failed for user {config.user()!r}: "
             f"{text or type(exc).__name__}")
     if isinstance(exc, ConnectionError | TimeoutError | OSError):
-        return RetryableError(f"cannot connect to redis at {where}: {_reason(exc)}")
+        return RetryableError(f"cannot connect to redis at {where}: {_reason(exc)}"
+                              f"{_tls_hint(config, exc)}")
     return ConnectorError(f"redis at {where}: {_reason(exc)}")
+
+
+def _tls_hint(config: RedisConnectionConfig, exc: BaseException) -> str:
+    """Why a connect most likely failed when TLS and the port disagree: a plain
+    Redis port never answers a TLS handshake (a timeout), a TLS port resets a
+    plain connection."""
+    tls = config.tls is not None or (config.url or "").startswith("rediss://")
+    text = str(exc)
+    if "SSL" in text or "certificate" in text:
+        return ""
+    if tls and isinstance(exc, TimeoutError):
+        return " (no answer to the TLS handshake: is this a TLS port?)"
+    if not tls and ("reset" in text or "closed" in text):
+        return (" (the server closed the connection: if this port wants TLS, use a "
+                "rediss:// URL or a tls block)")
+    return ""
 
 
 def is_connection_error(exc: BaseException) -> bool:
