@@ -72,19 +72,37 @@ def test_reference_states_defaults_from_the_code() -> None:
 
 
 _LINK = re.compile(r"\]\(([^)\s]+)\)")
+_HEADING = re.compile(r"^#{1,6} (.+)$", re.MULTILINE)
+_FENCE = re.compile(r"^```.*?^```", re.MULTILINE | re.DOTALL)
+
+
+def anchors(page: Path) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens."""
+    text = _FENCE.sub("", page.read_text())
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
+            for h in _HEADING.findall(text)}
+
+
+def test_anchor_slugs() -> None:
+    page = DOCS / "plugins" / "nats.md"
+    assert "connection-options-all-four" in anchors(page)
+    assert "jetstream-source" in anchors(page)  # from "## `jetstream` source"
 
 
 @pytest.mark.parametrize("page", [REPO / "README.md", *sorted(DOCS.rglob("*.md"))],
                          ids=lambda p: str(p.relative_to(REPO)))
 def test_relative_links_resolve(page: Path) -> None:
     broken = []
-    for target in _LINK.findall(page.read_text()):
-        if re.match(r"^[a-z]+:", target) or target.startswith("#"):
+    for target in _LINK.findall(_FENCE.sub("", page.read_text())):
+        if re.match(r"^[a-z]+:", target):
             continue
-        path = target.split("#", 1)[0]
-        if not (page.parent / path).exists():
+        path, _, anchor = target.partition("#")
+        dest = (page.parent / path) if path else page
+        missing_anchor = bool(anchor) and dest.suffix == ".md" and dest.exists() and (
+            anchor not in anchors(dest))
+        if not dest.exists() or missing_anchor:
             broken.append(target)
-    assert broken == [], f"{page.relative_to(REPO)} links to missing files: {broken}"
+    assert broken == [], f"{page.relative_to(REPO)} has broken links: {broken}"
 
 
 # ---------------------------------------------------------------- the generator
