@@ -430,6 +430,12 @@ class _Suite:
 # ---------------------------------------------------------------------- sources
 
 
+_NEEDS_ACKS = frozenset({
+    "test_ack_prevents_redelivery", "test_nack_redelivers", "test_unacked_survive_close",
+    "test_saturated_source_resumes",
+})
+
+
 class SourceSuite(_Suite):
     """Conformance tests for a Source plugin; see the module docstring."""
 
@@ -441,6 +447,15 @@ class SourceSuite(_Suite):
     saturation_quiet: ClassVar[float] = 1.0
     saturates_at: ClassVar[int | None] = None
     read_timeout: ClassVar[float] = 30.0  # for messages known to be there
+
+    @classmethod
+    def applies(cls, test_name: str) -> bool:
+        """Whether a suite test applies to this plugin's capabilities. Tests that do
+        not apply are deselected at collection by natsconn's pytest plugin (and
+        skipped with the reason if it is not loaded)."""
+        if test_name in _NEEDS_ACKS:
+            return cls.at_least_once
+        return True
 
     # -- building blocks
 
@@ -774,6 +789,15 @@ class SinkSuite(_Suite):
         return handed
 
     # -- the tests
+
+    @classmethod
+    def applies(cls, test_name: str) -> bool:
+        """See :meth:`SourceSuite.applies`."""
+        if test_name == "test_oversized_message_rejected":
+            return cls.max_message_bytes is not None
+        if test_name == "test_dedupes_by_id":
+            return cls.dedupes_by_id
+        return True
 
     async def test_open_close(self, make_sink: MakeSink, fetch: Fetch) -> None:
         """close() without connect(), close() twice, a second open; then it still writes."""

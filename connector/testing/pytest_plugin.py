@@ -88,3 +88,21 @@ async def tcp_proxy() -> AsyncIterator[ProxyFactory]:
     yield make
     for proxy in made:
         await proxy.close()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Drop conformance tests that do not apply to a plugin's declared capabilities
+    (an at-most-once source has no redelivery to test): they are not run, so they
+    are neither passes nor skips; pytest reports them as deselected."""
+    keep: list[pytest.Item] = []
+    dropped: list[pytest.Item] = []
+    for item in items:
+        applies = getattr(getattr(item, "cls", None), "applies", None)
+        name = getattr(item, "originalname", None) or item.name
+        if callable(applies) and not applies(name):
+            dropped.append(item)
+        else:
+            keep.append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep

@@ -79,5 +79,6 @@ def test_a_third_party_project_runs_the_kit(tmp_path: Path, nats_url: str) -> No
     assert result.returncode == 0, out
     summary = out.strip().splitlines()[-1]
     # open/close, empty read, round trip, reconnect run; the four ack tests skip.
-    assert re.search(r"\b4 passed, 4 skipped\b", summary), out
+    # the four acknowledgement tests do not apply to an at-most-once source
+    assert re.search(r"\b4 passed, 4 deselected\b", summary), out
     assert "at_least_once is False" in out
