@@ -46,6 +46,7 @@ class Sample:
     delivered: int | None = None  # total that reached the far side (drops = count - this)
     load: float = 0.0  # os.getloadavg()[0] when the run ended
     other_cores: float = 0.0  # CPU used by processes outside the measurement, in cores
+    server_cores: float = 0.0  # CPU the server(s) used per second of the window
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -112,6 +113,11 @@ class Stats:
         return statistics.median([s.cores for s in self.samples]) if self.samples else 0.0
 
     @property
+    def server_cores(self) -> float:
+        return statistics.median([s.server_cores for s in self.samples]) if self.samples \
+            else 0.0
+
+    @property
     def peak_rss(self) -> int:
         return max((s.peak_rss for s in self.samples), default=0)
 
@@ -135,6 +141,7 @@ class Stats:
             "rate_max": self.rate_max,
             "cpu_per_message_median": self.cpu_per_message,
             "cores_median": self.cores,
+            "server_cores_median": self.server_cores,
             "peak_rss_max": self.peak_rss,
             "load_max": self.load,
             "other_cores_max": self.other_cores,

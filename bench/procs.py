@@ -83,11 +83,17 @@ class CpuMeter:
     t0: float = 0.0
     busy0: float = 0.0
     own0: float = 0.0
+    server0: float = 0.0
 
     def start(self) -> None:
         self.t0 = time.monotonic()
         self.busy0 = machine_busy()
         self.own0 = self._own()
+        self.server0 = self.server_cpu()
+
+    def server_since_start(self) -> float:
+        """CPU seconds the servers used since ``start``."""
+        return self.server_cpu() - self.server0
 
     def _own(self) -> float:
         return time.process_time() + sum(_cpu_or_zero(p) for p in self.servers)

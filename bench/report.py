@@ -87,7 +87,7 @@ def markdown(results: list[PairResult], cond: dict[str, Any]) -> str:
     out = ["# natsconn benchmark", ""]
     out.append("| pipeline | size | count | pipeline msg/s (range) | raw consume leg | "
                "raw produce leg | ratio | target | CPU µs/msg (pipeline / raw sum) | "
-               "natsconn CPU use | peak RSS | delivered |")
+               "CPU use natsconn / server | peak RSS | delivered |")
     out.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         p = r.pipeline
@@ -95,7 +95,7 @@ def markdown(results: list[PairResult], cond: dict[str, Any]) -> str:
             target = f">= {_rate(r.pair.target_rate or 0)} msg/s: {_mark(r.holds)}"
             out.append(f"| {r.pair.name} (engine) | {r.size} B | {r.params.count:,} | "
                        f"{_range(p)} | - | - | - | {target} | "
-                       f"{_us(p.stats.cpu_per_message)} / - | {p.stats.cores:.2f} cores | "
+                       f"{_us(p.stats.cpu_per_message)} / - | {p.stats.cores:.2f} / - | "
                        f"{p.stats.peak_rss / 2**20:.0f} MiB | - |")
             continue
         bc, bp = r.best_consume, r.best_produce
@@ -112,18 +112,20 @@ def markdown(results: list[PairResult], cond: dict[str, Any]) -> str:
         target = f">= {r.pair.target_ratio}: {_mark(r.holds)}"
         out.append(f"| {r.pair.name} | {r.size} B | {r.params.count:,} | {_range(p)} | "
                    f"{consume} | {produce} | {ratio} | {target} | {cpu} | "
-                   f"{p.stats.cores:.2f} cores | {p.stats.peak_rss / 2**20:.0f} MiB | {got} |")
+                   f"{p.stats.cores:.2f} / {p.stats.server_cores:.2f} | "
+                   f"{p.stats.peak_rss / 2**20:.0f} MiB | {got} |")
     out += ["", "Ratio: the pipeline's median rate over the slower of the best raw consume and "
             "the best raw produce leg, measured in the same run with the same batching. "
             "CPU µs/msg: natsconn's user+sys time per message against the sum of those two "
             "legs' (target <= 1.3x). CPU use: natsconn's CPU seconds per second over the "
-            "window (1.00 = one core busy throughout: CPU-bound).", ""]
+            "window (1.00 = one core busy throughout: CPU-bound), and nats-server's over the "
+            "same window.", ""]
     legs = [m for r in results for m in (*r.consume, *r.produce)]
     seen: set[int] = set()
     if legs:
         out += ["## Raw legs", "",
-                "| leg | technique | size | msg/s (range) | CPU µs/msg | CPU use | peak RSS | "
-                "notes |",
+                "| leg | technique | size | msg/s (range) | CPU µs/msg | CPU use (client / "
+                "server) | peak RSS | notes |",
                 "|---|---|---|---|---|---|---|---|"]
         for m in legs:
             if id(m) in seen:
@@ -135,7 +137,8 @@ def markdown(results: list[PairResult], cond: dict[str, Any]) -> str:
             if fed:
                 notes.append(fed[0] + " (run 1)")
             out.append(f"| {m.kind} {m.endpoint} | {m.technique} | {m.params.size} B | "
-                       f"{_range(m)} | {_us(m.stats.cpu_per_message)} | {m.stats.cores:.2f} | "
+                       f"{_range(m)} | {_us(m.stats.cpu_per_message)} | {m.stats.cores:.2f} / "
+                       f"{m.stats.server_cores:.2f} | "
                        f"{m.stats.peak_rss / 2**20:.0f} MiB | {'; '.join(notes) or ''} |")
         out.append("")
     out += ["## Conditions", ""]

@@ -300,7 +300,8 @@ class Harness:
             drop = f" | {s.delivered} delivered"
         notes = f" | {'; '.join(s.notes)}" if s.notes else ""
         self.say(f"{time.strftime('%H:%M:%S')} {label} | {what} | {s.rate:>11,.0f} msg/s | "
-                 f"{s.cpu_per_message * 1e6:6.2f} us/msg CPU ({s.cores:.2f} cores) | "
+                 f"{s.cpu_per_message * 1e6:6.2f} us/msg CPU ({s.cores:.2f} cores, server "
+                 f"{s.server_cores:.2f}) | "
                  f"rss {_mib(s.peak_rss)} | "
                  f"load {s.load:.2f} | other {s.other_cores:.2f} cores{drop}{notes}")
 
@@ -372,6 +373,7 @@ class Harness:
                 self.meter.start()
                 sample, cpu = await self._produce(ep, place, params, technique)
                 sample.other_cores = self.meter.other_cores(cpu)
+                sample.server_cores = self._server_cores(sample)
                 return sample
             feed_params = replace(params, ids=False)
             if ep.durable:
@@ -383,11 +385,17 @@ class Harness:
             sample, cpu, fed = await self._worker(spec, on_ready)
             feed_cpu = fed[1] if fed else 0.0
             sample.other_cores = self.meter.other_cores(cpu + feed_cpu)
+            sample.server_cores = self._server_cores(sample)
             if fed is not None:
                 sample.notes.append(f"fed at {fed[0].rate:,.0f} msg/s")
             return sample
         finally:
             await ep.destroy(place)
+
+    def _server_cores(self, sample: Sample) -> float:
+        """Server CPU per second of a worker's window. The meter spans the worker's
+        whole life, but the server is nearly idle outside the window."""
+        return self.meter.server_since_start() / sample.seconds if sample.seconds else 0.0
 
     async def engine_once(self, pair: Pair, src: Endpoint, dst: Endpoint,
                           params: Params) -> Sample:
@@ -483,8 +491,8 @@ class Harness:
                      feed: asyncio.Task[tuple[Sample, float]] | None) -> Sample:
         """Poll the far side; the window runs from the first poll that sees
         messages to the poll that sees the last one."""
-        first: tuple[float, int, float] | None = None
-        last: tuple[float, int, float] | None = None
+        first: tuple[float, int, float, float] | None = None
+        last: tuple[float, int, float, float] | None = None
         seen = 0
         changed = time.perf_counter()
         notes: list[str] = []
@@ -493,7 +501,7 @@ class Harness:
             now, cpu = time.perf_counter(), child.cpu()
             if count > seen:
                 seen, changed = count, now
-                last = (now, count, cpu)
+                last = (now, count, cpu, self.meter.server_cpu())
                 if first is None:
                     first = last
             if count >= n:
@@ -516,8 +524,9 @@ class Harness:
         messages = last[1] - first[1]
         if messages < n // 2 and seen >= n:
             notes.append("window shorter than half the messages; raise the count")
-        return Sample(messages, last[0] - first[0], last[2] - first[2], 0, seen,
-                      os.getloadavg()[0], notes=notes)
+        seconds = last[0] - first[0]
+        return Sample(messages, seconds, last[2] - first[2], 0, seen, os.getloadavg()[0],
+                      server_cores=(last[3] - first[3]) / seconds, notes=notes)
 
 
 def _get_status(url: str) -> int:
