@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import ssl
 import time
@@ -182,10 +183,27 @@ def client_options(config: KafkaConnectionConfig, context: PluginContext) -> dic
     return options
 
 
+class _Capture:
+    """aiokafka's lines while one client starts."""
+
+    __slots__ = ("lines", "open")
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.open = True
+
+
+# The start in progress in this task (and in the tasks it creates). A context
+# variable, not a process-wide list: clients of other pipelines starting at the
+# same time must neither see these lines nor have their own lines swallowed.
+_CAPTURE: contextvars.ContextVar[_Capture | None] = contextvars.ContextVar(
+    "natsconn_kafka_capture", default=None)
+
+
 class _AiokafkaLogs(logging.Filter):
     """aiokafka's warnings and errors, tamed.
 
-    While a client starts, they are collected (for the one error natsconn
+    While a client starts, its lines are collected (for the one error natsconn
     raises) and not logged. Otherwise each kind of line (its template) is logged
     once per ``window`` seconds, with a count of the ones held back: a broker
     outage costs a few lines, not a thousand (aiokafka logs every reconnect
@@ -193,7 +211,6 @@ class _AiokafkaLogs(logging.Filter):
     """
 
     window = 30.0
-    active: list[list[str]] = []
 
     def __init__(self) -> None:
         super().__init__()
@@ -202,15 +219,15 @@ class _AiokafkaLogs(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno < logging.WARNING:
             return True
-        if self.active:
+        capture = _CAPTURE.get()
+        if capture is not None and capture.open:
             message = record.getMessage()
             # aiokafka formats the error with %s: ConnectionResetError() reads as
             # nothing at all. Name its type then.
             last = record.args[-1] if isinstance(record.args, tuple) and record.args else None
             if isinstance(last, BaseException) and not str(last):
                 message += type(last).__name__
-            for sink in self.active:
-                sink.append(message)
+            capture.lines.append(message)
             return False
         key = (record.name, str(record.msg))
         now = time.monotonic()
@@ -269,8 +286,9 @@ async def start_client(
 ) -> None:
     """Run ``start`` within ``connect_timeout``; on failure stop the client and raise
     one :class:`RetryableError` that names the servers and the cause."""
-    lines: list[str] = []
-    _AiokafkaLogs.active.append(lines)
+    capture = _Capture()
+    lines = capture.lines
+    token = _CAPTURE.set(capture)
     try:
         await asyncio.wait_for(start(), config.connect_timeout)
     except Exception as exc:
@@ -293,4 +311,5 @@ async def start_client(
             await stop()
         raise RetryableError(f"cannot start Kafka {what} at {servers}: {reason}") from None
     finally:
-        _AiokafkaLogs.active.remove(lines)
+        capture.open = False  # tasks the client started keep the variable: log normally
+        _CAPTURE.reset(token)
