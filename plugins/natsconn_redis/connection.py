@@ -362,6 +362,11 @@ def _tls_hint(config: RedisConnectionConfig, exc: BaseException) -> str:
         return ""
     if tls and isinstance(exc, TimeoutError):
         return " (no answer to the TLS handshake: is this a TLS port?)"
+    if tls and ("reset" in text or "closed" in text):
+        # TLS 1.3: the server checks the client certificate after the handshake,
+        # so a missing or untrusted one often shows as a bare reset.
+        return (" (the server ended the TLS session: does it want a client certificate "
+                "(tls.cert_file, tls.key_file), or not trust the one given?)")
     if not tls and ("reset" in text or "closed" in text):
         return (" (the server closed the connection: if this port wants TLS, use a "
                 "rediss:// URL or a tls block)")
