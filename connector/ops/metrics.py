@@ -7,6 +7,7 @@ a counter add per batch, never a label lookup per message.
 from __future__ import annotations
 
 import logging
+import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -88,10 +89,18 @@ class PluginMeters:
         self._reconnects = RECONNECTS.labels(pipeline, role)
         self._disconnects = DISCONNECTS.labels(pipeline, role)
         self._lag = SOURCE_LAG.labels(pipeline)
+        self._unlogged: dict[str, int] = {}
+        self._logged_at: dict[str, float] = {}
 
     def dropped(self, count: int, reason: str) -> None:
         DROPPED.labels(self._pipeline, reason).inc(count)
-        self._logger.warning("%d message(s) dropped: %s", count, reason)
+        # One line per reason every 10 s at most: a slow consumer drops per message.
+        self._unlogged[reason] = self._unlogged.get(reason, 0) + count
+        now = time.monotonic()
+        if now - self._logged_at.get(reason, -1e9) >= 10.0:
+            self._logger.warning("%d message(s) dropped: %s", self._unlogged.pop(reason),
+                                 reason)
+            self._logged_at[reason] = now
 
     def reconnected(self) -> None:
         self._reconnects.inc()

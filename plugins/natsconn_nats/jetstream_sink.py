@@ -31,6 +31,7 @@ from connector import (
     RejectedError,
     RetryableError,
     Sink,
+    TemplateStr,
 )
 
 from .connection import NatsConnectionConfig, nats_error, open_connection
@@ -46,7 +47,7 @@ _POISON_CODES = {
 
 
 class JetStreamSinkConfig(NatsConnectionConfig):
-    subject: str = Field("{subject}", description="subject template: {subject}, "
+    subject: TemplateStr = Field("{subject}", description="subject template: {subject}, "
                          "{subject[N]}, {header[Name]}, {key}, {id}")
     dedupe: bool = Field(True, description="set Nats-Msg-Id from the message id so the "
                          "stream drops redelivered duplicates")
@@ -58,9 +59,10 @@ class JetStreamSinkConfig(NatsConnectionConfig):
 
 
 class _InFlight:
-    __slots__ = ("done", "errors", "remaining", "seen")
+    __slots__ = ("done", "errors", "remaining", "seen", "subjects")
 
     def __init__(self, n: int) -> None:
+        self.subjects: list[str] = []  # as published, by index, for error messages
         self.remaining = n
         self.seen = bytearray(n)
         self.errors: dict[int, RetryableError | RejectedError] = {}
@@ -103,8 +105,9 @@ class JetStreamSink(Sink[JetStreamSinkConfig]):
         state.seen[index] = 1
         data = msg.data
         if msg.headers and msg.headers.get("Status") == "503":
+            subject = state.subjects[index] if index < len(state.subjects) else "?"
             state.errors[index] = RetryableError(
-                f"no stream captures subject {msg.subject!r} (no responders)")
+                f"no stream captures subject {subject!r} (no responders)")
         elif b'"error"' in data:
             state.errors[index] = _pub_error(data)
         state.remaining -= 1
@@ -122,10 +125,13 @@ class JetStreamSink(Sink[JetStreamSinkConfig]):
         dedupe = cfg.dedupe
         expected = cfg.stream
         max_payload = nc.max_payload
+        subjects = state.subjects
         try:
             for i, m in enumerate(messages):
+                subject = ""
                 try:
                     subject = render(m)
+                    subjects.append(subject)
                     if len(m.data) > max_payload:
                         raise RejectedError(f"payload of {len(m.data)} bytes exceeds the "
                                             f"server's max_payload {max_payload}")
@@ -143,6 +149,8 @@ class JetStreamSink(Sink[JetStreamSinkConfig]):
                         # A header name NATS cannot carry, or a value that is not
                         # UTF-8 (e.g. raw bytes from a Kafka header): poison, not retry.
                         exc = RejectedError(f"header NATS cannot carry in message {i}: {exc}")
+                    if len(subjects) == i:
+                        subjects.append(subject)
                     state.errors[i] = exc
                     state.seen[i] = 1
                     state.remaining -= 1

@@ -11,21 +11,23 @@ from pydantic import Field
 
 from connector import (
     AddressTemplate,
+    Duration,
     Message,
     PartialWriteError,
     RejectedError,
     RetryableError,
     Sink,
+    TemplateStr,
 )
 
 from .connection import NatsConnectionConfig, nats_error, open_connection
 
 
 class NatsSinkConfig(NatsConnectionConfig):
-    subject: str = Field("{subject}", description="subject template: {subject}, "
+    subject: TemplateStr = Field("{subject}", description="subject template: {subject}, "
                          "{subject[N]}, {header[Name]}, {key}, {id}")
-    flush_timeout: float = Field(10.0, gt=0, description="seconds to wait for the server "
-                                 "to confirm a batch (PING/PONG)")
+    flush_timeout: Duration = Field(10.0, gt=0, description="longest wait for the server "
+                                    "to confirm a batch (PING/PONG)")
 
 
 class NatsSink(Sink[NatsSinkConfig]):
