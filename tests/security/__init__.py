@@ -1,0 +1,1 @@
+"""Security tests against the TLS/auth servers of ``scripts/services start tls``."""
