@@ -32,10 +32,26 @@ def _line(text: str, number: int | None) -> str:
 
 
 def parse_yaml(text: str, file: str) -> tuple[Any, dict[Path, int]]:
-    """Return the document's value and a map from YAML path to 1-based line."""
-    loader = yaml.SafeLoader(text)
+    """Return the document's value and a map from YAML path to 1-based line.
+
+    Any input gives a value or a ConfigError with a line: PyYAML also fails while
+    reading (characters YAML does not allow) and while constructing values
+    (unknown tags, bad merge keys, impossible dates), not only while parsing.
+    """
+    lines: dict[Path, int] = {}
+    loader: yaml.SafeLoader | None = None
     try:
+        loader = yaml.SafeLoader(text)
         node = loader.get_single_node()
+        if node is None:
+            return None, lines
+        return _build(loader, node, (), lines, file), lines
+    except yaml.reader.ReaderError as exc:
+        at = text.count("\n", 0, max(0, exc.position)) + 1
+        raise ConfigError(f"invalid YAML: expected printable text, found the character "
+                          f"{chr(exc.character)!r} (#x{exc.character:04x})"
+                          if isinstance(exc.character, int) else f"invalid YAML: {exc.reason}",
+                          file=file, line=at) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else None
@@ -52,13 +68,21 @@ def parse_yaml(text: str, file: str) -> tuple[Any, dict[Path, int]]:
             problem += "; inside {...} or [...] write a ${VAR} reference in quotes"
         raise ConfigError(f"invalid YAML: {problem}", file=file, line=line) from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"invalid YAML: {exc}", file=file) from None
+        raise ConfigError(f"invalid YAML: {exc}", file=file, line=1) from None
     finally:
-        loader.dispose()
-    lines: dict[Path, int] = {}
-    if node is None:
-        return None, lines
-    return _build(loader, node, (), lines, file), lines
+        if loader is not None:
+            loader.dispose()
+
+
+def _construct(loader: yaml.SafeLoader, node: yaml.Node, path: Path, file: str) -> Any:
+    """A scalar's value; a constructor's own failure (``2001-02-30`` looks like a
+    date and is none) as a ConfigError at the node's line."""
+    try:
+        return loader.construct_object(node, deep=True)
+    except (ValueError, TypeError, OverflowError) as exc:
+        # The value is not repeated: it may be a secret.
+        raise ConfigError(f"invalid YAML value: {exc} (quote it to keep it as text)", file=file,
+                          line=node.start_mark.line + 1, path=format_path(path)) from None
 
 
 def _build(loader: yaml.SafeLoader, node: yaml.Node, path: Path, lines: dict[Path, int],
@@ -68,7 +92,7 @@ def _build(loader: yaml.SafeLoader, node: yaml.Node, path: Path, lines: dict[Pat
         loader.flatten_mapping(node)
         result: dict[Any, Any] = {}
         for key_node, value_node in node.value:
-            key = loader.construct_object(key_node, deep=True)
+            key = _construct(loader, key_node, path, file)
             if not isinstance(key, str | int | float | bool) or key is None:
                 raise ConfigError(
                     f"expected a plain key, found {key!r}", file=file,
@@ -89,4 +113,4 @@ def _build(loader: yaml.SafeLoader, node: yaml.Node, path: Path, lines: dict[Pat
         return [
             _build(loader, item, (*path, i), lines, file) for i, item in enumerate(node.value)
         ]
-    return loader.construct_object(node, deep=True)
+    return _construct(loader, node, path, file)
