@@ -15,7 +15,6 @@ import itertools
 import json
 from collections.abc import Sequence
 
-from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.errors import BadHeaderError, BadSubjectError
@@ -34,7 +33,7 @@ from connector import (
     TemplateStr,
 )
 
-from .connection import NatsConnectionConfig, nats_error, open_connection
+from .connection import Client, NatsConnectionConfig, encode_publish, nats_error, open_connection
 
 MSG_ID = "Nats-Msg-Id"
 # JetStream API error codes that no retry can cure.
@@ -77,7 +76,7 @@ class JetStreamSink(Sink[JetStreamSinkConfig]):
     async def connect(self) -> None:
         cfg = self.config
         self._template = AddressTemplate(cfg.subject)
-        self._nc: NATS = await open_connection(cfg, self.context)
+        self._nc: Client = await open_connection(cfg, self.context)
         if cfg.stream and cfg.stream_subjects:
             js = self._nc.jetstream()
             try:
@@ -126,6 +125,8 @@ class JetStreamSink(Sink[JetStreamSinkConfig]):
         expected = cfg.stream
         max_payload = nc.max_payload
         subjects = state.subjects
+        commands: list[bytes] = []
+        nbytes = 0
         try:
             for i, m in enumerate(messages):
                 subject = ""
@@ -140,8 +141,8 @@ class JetStreamSink(Sink[JetStreamSinkConfig]):
                         headers[MSG_ID] = m.id
                     if expected:
                         headers["Nats-Expected-Stream"] = expected
-                    await nc.publish(subject, m.data, reply=prefix + str(i),
-                                     headers=headers or None)
+                    commands.append(encode_publish(subject, m.data, headers, prefix + str(i)))
+                    nbytes += len(m.data)
                 except (RejectedError, BadSubjectError, BadHeaderError, UnicodeError) as exc:
                     if isinstance(exc, BadSubjectError):
                         exc = RejectedError(f"invalid NATS subject for message {i}")
@@ -154,6 +155,7 @@ class JetStreamSink(Sink[JetStreamSinkConfig]):
                     state.errors[i] = exc
                     state.seen[i] = 1
                     state.remaining -= 1
+            await nc.send_encoded(commands, len(commands), nbytes)
             if state.remaining > 0:
                 try:
                     await asyncio.wait_for(asyncio.shield(state.done), cfg.ack_timeout)

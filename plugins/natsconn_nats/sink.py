@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
-from nats.aio.client import Client as NATS
-from nats.errors import BadSubjectError
+from nats.errors import BadHeaderError, BadSubjectError
 from pydantic import Field
 
 from connector import (
@@ -20,7 +19,7 @@ from connector import (
     TemplateStr,
 )
 
-from .connection import NatsConnectionConfig, nats_error, open_connection
+from .connection import Client, NatsConnectionConfig, encode_publish, nats_error, open_connection
 
 
 class NatsSinkConfig(NatsConnectionConfig):
@@ -39,7 +38,7 @@ class NatsSink(Sink[NatsSinkConfig]):
         self._template = AddressTemplate(self.config.subject)
         # Resolved, and replaced, at each reconnect (see _flush).
         self._reconnect: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._nc: NATS = await open_connection(self.config, self.context, self._on_reconnect)
+        self._nc: Client = await open_connection(self.config, self.context, self._on_reconnect)
 
     async def _on_reconnect(self) -> None:
         done, self._reconnect = self._reconnect, asyncio.get_running_loop().create_future()
@@ -77,21 +76,25 @@ class NatsSink(Sink[NatsSinkConfig]):
                 except TimeoutError:
                     raise RetryableError("nats: not connected (reconnecting)") from None
             reconnect = self._reconnect
+            commands: list[bytes] = []
+            nbytes = 0
             for i, m in enumerate(messages):
+                subject = ""
                 try:
                     subject = render(m)
+                    if len(m.data) > max_payload:
+                        raise RejectedError(
+                            f"payload of {len(m.data)} bytes exceeds the server's "
+                            f"max_payload {max_payload}")
+                    commands.append(encode_publish(subject, m.data, m.headers))
+                    nbytes += len(m.data)
                 except RejectedError as exc:
                     rejected[i] = exc
-                    continue
-                if len(m.data) > max_payload:
-                    rejected[i] = RejectedError(
-                        f"payload of {len(m.data)} bytes exceeds the server's max_payload "
-                        f"{max_payload}")
-                    continue
-                try:
-                    await nc.publish(subject, m.data, headers=dict(m.headers) or None)
                 except BadSubjectError:
                     rejected[i] = RejectedError(f"invalid NATS subject {subject!r}")
+                except (BadHeaderError, UnicodeError) as exc:
+                    rejected[i] = RejectedError(f"header NATS cannot carry: {exc}")
+            await nc.send_encoded(commands, len(commands), nbytes)
             await self._flush(reconnect)
         except RetryableError:
             raise
