@@ -38,6 +38,7 @@ class Endpoint(ABC):
     system: ClassVar[str]  # the service it needs, as in `scripts/services start <system>`
     durable: ClassVar[bool] = True  # False: a source needs a live feed (core NATS, pub/sub)
     gives_ids: ClassVar[bool] = False  # its source sets Message.id
+    uses_ids: ClassVar[bool] = False  # its sink writes Message.id (dedupe key, upsert key)
     # technique -> one line describing it; methods produce_<technique>/consume_<technique>
     produce_legs: ClassVar[dict[str, str]] = {}
     consume_legs: ClassVar[dict[str, str]] = {}

@@ -103,13 +103,13 @@ def markdown(results: list[PairResult], cond: dict[str, Any]) -> str:
         produce = f"{_rate(bp.stats.rate)} ({bp.endpoint}/{bp.technique})" if bp else "-"
         ratio = f"{r.ratio:.2f}" if r.ratio is not None else "-"
         raw_cpu = sum(m.stats.cpu_per_message for m in (bc, bp) if m is not None)
-        cpu = f"{_us(p.stats.cpu_per_message)} / {_us(raw_cpu)}"
+        cpu = f"{_us(p.stats.cpu_per_message)} / {_us(raw_cpu) if raw_cpu else '-'}"
         if r.cpu_ratio is not None:
             cpu += f" ({r.cpu_ratio:.2f}x)"
         delivered = p.stats.delivered_min
         got = "-" if delivered is None else (
             "all" if delivered >= r.params.count else f"{delivered:,} (min)")
-        target = f">= {r.pair.target_ratio}: {_mark(r.holds)}"
+        target = f">= {r.pair.target_ratio}: {_mark(r.holds)}" if bc or bp else "-"
         out.append(f"| {r.pair.name} | {r.size} B | {r.params.count:,} | {_range(p)} | "
                    f"{consume} | {produce} | {ratio} | {target} | {cpu} | "
                    f"{p.stats.cores:.2f} / {p.stats.server_cores:.2f} | "
@@ -136,7 +136,9 @@ def markdown(results: list[PairResult], cond: dict[str, Any]) -> str:
             fed = [n for s in m.stats.samples for n in s.notes if n.startswith("fed at")]
             if fed:
                 notes.append(fed[0] + " (run 1)")
-            out.append(f"| {m.kind} {m.endpoint} | {m.technique} | {m.params.size} B | "
+            technique = m.technique + (" + Nats-Msg-Id" if m.kind == "produce" and m.params.ids
+                                       else "")
+            out.append(f"| {m.kind} {m.endpoint} | {technique} | {m.params.size} B | "
                        f"{_range(m)} | {_us(m.stats.cpu_per_message)} | {m.stats.cores:.2f} / "
                        f"{m.stats.server_cores:.2f} | "
                        f"{m.stats.peak_rss / 2**20:.0f} MiB | {'; '.join(notes) or ''} |")

@@ -227,8 +227,10 @@ class Harness:
         for technique in src.consume_legs if self.opts.raw_legs else ():
             consume.append(await self.raw(label, src, "consume", technique,
                                           replace(params, ids=False)))
+        # The sink's raw leg carries ids when the pipeline's sink would write them.
+        produce_params = replace(params, ids=params.ids and dst.uses_ids)
         for technique in dst.produce_legs if self.opts.raw_legs else ():
-            produce.append(await self.raw(label, dst, "produce", technique, params))
+            produce.append(await self.raw(label, dst, "produce", technique, produce_params))
         stats = await self.measure(f"{label} | pipeline natsconn run", params.count,
                                    lambda p: self.pipeline_once(pair, src, dst, p), params)
         return PairResult(pair, size, params,

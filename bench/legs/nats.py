@@ -255,6 +255,7 @@ class JetStream(_NatsBase):
     name = "jetstream"
     durable = True
     gives_ids = True
+    uses_ids = True  # Nats-Msg-Id (the sink's dedupe option is on by default)
     produce_legs = {"pipelined": "batch published at once on one reply inbox, PubAcks "
                     "counted by a callback, max_in_flight batches outstanding"}
     consume_legs = {
