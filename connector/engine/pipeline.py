@@ -549,14 +549,7 @@ class Pipeline:
             await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             stop.cancel()
-        if task.done():
-            task.result()
-            return True
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        # The task may have completed in the same tick as it was cancelled.
-        return not task.cancelled() and task.exception() is None
+        return await _outcome(task)
 
     async def _before_stop_deadline(self, aw: Awaitable[object]) -> bool:
         """Await ``aw``; False (``aw`` cancelled) once the shutdown deadline passes.
@@ -577,14 +570,7 @@ class Pipeline:
             if left <= 0:
                 break
             await asyncio.wait({task}, timeout=left)
-        if task.done():
-            task.result()
-            return True
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        # It may have completed in the same tick as it was cancelled (a slot taken).
-        return not task.cancelled() and task.exception() is None
+        return await _outcome(task)
 
     async def _sleep_or_stop(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -597,6 +583,19 @@ class Pipeline:
                 await asyncio.sleep(max(0.0, left))
                 raise _Stopped
         await asyncio.sleep(seconds)
+
+
+async def _outcome(task: asyncio.Future[object]) -> bool:
+    """True if ``task`` finished (its exception, if any, raised here); otherwise
+    cancel it and say False, unless it completed in the same tick as it was
+    cancelled (a semaphore slot taken, a connection made)."""
+    if task.done():
+        task.result()
+        return True
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return not task.cancelled() and task.exception() is None
 
 
 class ConnectFailed(Exception):
