@@ -25,6 +25,13 @@ from typing import Any, ClassVar
 
 from .model import Params, Place, Sample
 
+SERVER_PROCESSES: dict[str, tuple[str, ...]] = {
+    "nats": ("nats-server",),
+    "kafka": ("java",),
+    "redis": ("redis-server",),
+    "postgres": ("postgres",),
+}
+
 Ready = Callable[[], Awaitable[None]]
 """Called by a consume leg once it is subscribed, before the live feed starts."""
 
@@ -44,6 +51,15 @@ class Endpoint(ABC):
     consume_legs: ClassVar[dict[str, str]] = {}
     # the produce technique used to preload (durable) or feed (not durable) a source
     feed_technique: ClassVar[str | None] = None
+    # command names (/proc/<pid>/comm) of the server processes this endpoint talks to:
+    # their CPU is part of the measured work, not foreign load; None: by `system`
+    server_processes: ClassVar[tuple[str, ...] | None] = None
+
+    @classmethod
+    def servers(cls) -> tuple[str, ...]:
+        if cls.server_processes is not None:
+            return cls.server_processes
+        return SERVER_PROCESSES.get(cls.system, ())
 
     def __init__(self, env: dict[str, str]) -> None:
         self.env = env

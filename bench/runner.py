@@ -168,7 +168,9 @@ class Harness:
         self.opts = opts
         self.say = progress or (lambda line: print(line, file=sys.stderr, flush=True))
         self.endpoints: dict[str, Endpoint] = {}
-        self.meter = CpuMeter(find_pids("nats-server"))
+        names = {n for p in opts.pairs for e in (p.source, p.sink) if e in ENDPOINTS
+                 for n in ENDPOINTS[e].servers()}
+        self.meter = CpuMeter([pid for n in sorted(names) for pid in find_pids(n)])
         self._cache: dict[str, Measured] = {}
         self._tmp = REPO / "bench" / "results" / "tmp"
         self.profile_to: Path | None = None  # set by `bench profile`: py-spy output
