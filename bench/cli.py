@@ -72,6 +72,8 @@ def _parser() -> argparse.ArgumentParser:
     prof.add_argument("--size", type=int, default=128)
     prof.add_argument("--count", type=int, help="messages (default: the pair's count)")
     prof.add_argument("--top", type=int, default=25, help="functions listed (default 25)")
+    prof.add_argument("--rate", type=int, default=200, help="py-spy samples per second "
+                      "(default 200; more samples, more slowdown)")
     prof.add_argument("--no-start", action="store_true")
     prof.add_argument("--out", help="keep the collapsed stacks here (default "
                       "bench/results/profile-<pair>-<size>.txt)")
@@ -194,6 +196,7 @@ def _profile(args: argparse.Namespace) -> int:
     async def go() -> None:
         async with Harness(opts) as harness:
             harness.profile_to = out
+            harness.profile_rate = args.rate
             params = harness.params(pair, args.size)
             src, dst = harness.endpoints[pair.source], harness.endpoints[pair.sink]
             if pair.engine_only:

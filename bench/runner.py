@@ -174,6 +174,7 @@ class Harness:
         self._cache: dict[str, Measured] = {}
         self._tmp = REPO / "bench" / "results" / "tmp"
         self.profile_to: Path | None = None  # set by `bench profile`: py-spy output
+        self.profile_rate = 200
 
     # ------------------------------------------------------------------ setup
 
@@ -325,7 +326,8 @@ class Harness:
         feed was started on READY, the feeder's sample and CPU."""
         spec = {"env": self.opts.env, "loop": self.opts.loop, **spec}
         child = Child(self._worker_argv(spec), env=self._child_env(), cwd=str(REPO))
-        recorder = Recorder(child.pid, profile) if profile is not None else None
+        recorder = (Recorder(child.pid, profile, self.profile_rate) if profile is not None
+                    else None)
         result: Sample | None = None
         feed: asyncio.Task[tuple[Sample, float]] | None = None
         try:
@@ -446,7 +448,8 @@ class Harness:
             child = Child([sys.executable, "-m", "connector.cli", "run", str(path)],
                           env=self._child_env(), cwd=str(REPO))
             await self._wait_ready(child, port)
-            recorder = Recorder(child.pid, self.profile_to) if self.profile_to else None
+            recorder = (Recorder(child.pid, self.profile_to, self.profile_rate)
+                        if self.profile_to else None)
             feed: asyncio.Task[tuple[Sample, float]] | None = None
             if not src.durable:
                 feed = asyncio.create_task(self._produce(src, src_place, feed_params))
