@@ -1,0 +1,1 @@
+"""The fault matrix (scripts/reliability) and its small CI version."""
