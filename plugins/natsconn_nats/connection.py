@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 import nats
 from nats.aio.client import Client as NATS
+from nats.aio.subscription import Subscription
 from pydantic import Field, SecretStr, field_validator
 
 from connector import ConnectorError, Duration, PluginConfig, PluginContext, RetryableError
@@ -59,6 +60,8 @@ _INVALID_SUBJECT = re.compile(r"[ \t\r\n]")
 _HEADER_KEY = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _NEWLINES = str.maketrans({"\r": " ", "\n": " "})
 _CHUNK = 1024 * 1024  # bytes of commands handed to the client at a time
+_GOOD_SUBJECTS: set[str] = set()  # subjects and header names already checked
+_GOOD_KEYS: set[str] = set()
 
 
 def encode_publish(subject: str, payload: bytes, headers: Mapping[str, str] | None = None,
@@ -66,8 +69,12 @@ def encode_publish(subject: str, payload: bytes, headers: Mapping[str, str] | No
     """One PUB or HPUB command, with nats-py's own checks: no whitespace in the
     subject (CRLF would inject protocol), header names as tokens, header values on
     one line. Raises ``BadSubjectError``, ``BadHeaderError`` or ``UnicodeError``."""
-    if not subject or _INVALID_SUBJECT.search(subject):
-        raise nats.errors.BadSubjectError
+    if subject not in _GOOD_SUBJECTS:
+        if not subject or _INVALID_SUBJECT.search(subject):
+            raise nats.errors.BadSubjectError
+        if len(_GOOD_SUBJECTS) > 10_000:  # templates may make many; stay bounded
+            _GOOD_SUBJECTS.clear()
+        _GOOD_SUBJECTS.add(subject)
     head = subject.encode() + (b" " + reply.encode() if reply else b"")
     if not headers:
         return b"PUB %b %d\r\n%b\r\n" % (head, len(payload), payload)
@@ -76,8 +83,12 @@ def encode_publish(subject: str, payload: bytes, headers: Mapping[str, str] | No
         key = name.strip()
         if not key:
             continue
-        if not _HEADER_KEY.fullmatch(key):
-            raise nats.errors.BadHeaderError(key)
+        if key not in _GOOD_KEYS:
+            if not _HEADER_KEY.fullmatch(key):
+                raise nats.errors.BadHeaderError(key)
+            if len(_GOOD_KEYS) > 1_000:
+                _GOOD_KEYS.clear()
+            _GOOD_KEYS.add(key)
         lines.append(b"%b: %b\r\n" % (key.encode(), value.strip().translate(_NEWLINES).encode()))
     lines.append(b"\r\n")
     hdr = b"".join(lines)
@@ -85,8 +96,12 @@ def encode_publish(subject: str, payload: bytes, headers: Mapping[str, str] | No
                                             payload)
 
 
+DirectHandler = Callable[[str, str, bytes, "dict[str, str] | None"], None]
+"""Receives (subject, reply, data, headers) straight from the read loop."""
+
+
 class Client(NATS):
-    """nats-py's client with one repair and one fast path.
+    """nats-py's client with one repair and a few fast paths.
 
     nats-py (2.16) cancels the PONG waiter of a ``flush()`` that timed out but
     leaves it queued; the late PONG then raises InvalidStateError and kills the
@@ -95,6 +110,38 @@ class Client(NATS):
     look written. A PONG answers the oldest PING whether or not anyone still
     waits for it: consume it either way.
     """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._direct: dict[int, DirectHandler] = {}
+
+    async def subscribe_direct(self, subject: str, handler: DirectHandler,
+                               queue: str = "") -> Subscription:
+        """Deliver this subscription's messages to ``handler`` from the read loop.
+
+        No ``Msg`` object, no per-subscription queue and task, no callback
+        coroutine per message: what the sources and the PubAck inbox need is the
+        four parts. ``handler`` must be quick and must not block; the caller bounds
+        what it buffers (nats-py's pending limits do not apply here).
+        """
+        sub = await self.subscribe(subject, queue=queue)
+        self._direct[sub._id] = handler
+        return sub
+
+    async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes,
+                           headers: bytes) -> None:
+        handler = self._direct.get(sid)
+        if handler is None:
+            await super()._process_msg(sid, subject, reply, data, headers)
+            return
+        self.stats["in_msgs"] += 1
+        self.stats["in_bytes"] += len(data)
+        parsed = await self._process_headers(headers) if headers else None
+        handler(subject.decode(), reply.decode(), data, parsed)
+
+    def _remove_sub(self, sid: int, max_msgs: int = 0) -> None:
+        self._direct.pop(sid, None)
+        super()._remove_sub(sid, max_msgs)
 
     async def publish_replies(self, subjects: list[str], payload: bytes) -> None:
         """Publish one small payload to many subjects in one buffer append.

@@ -15,7 +15,6 @@ import itertools
 import json
 from collections.abc import Sequence
 
-from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.errors import BadHeaderError, BadSubjectError
 from nats.js.errors import NotFoundError
@@ -88,13 +87,14 @@ class JetStreamSink(Sink[JetStreamSinkConfig]):
         self._ids = itertools.count()
         self._batches: dict[str, _InFlight] = {}
         self._inbox = self._nc.new_inbox()
-        self._sub: Subscription = await self._nc.subscribe(
-            self._inbox + ".*.*", cb=self._on_ack, pending_msgs_limit=-1,
-            pending_bytes_limit=-1)
+        self._sub: Subscription = await self._nc.subscribe_direct(
+            self._inbox + ".*.*", self._on_ack)
         self._prefix_len = len(self._inbox) + 1
 
-    async def _on_ack(self, msg: Msg) -> None:
-        batch_id, _, index_text = msg.subject[self._prefix_len:].partition(".")
+    def _on_ack(self, subject: str, _reply: str, data: bytes,
+                headers: dict[str, str] | None) -> None:
+        """A PubAck, straight from the read loop (direct delivery)."""
+        batch_id, _, index_text = subject[self._prefix_len:].partition(".")
         state = self._batches.get(batch_id)
         if state is None:
             return  # a late ack for a batch that timed out; its retry is deduplicated
@@ -102,11 +102,10 @@ class JetStreamSink(Sink[JetStreamSinkConfig]):
         if state.seen[index]:
             return
         state.seen[index] = 1
-        data = msg.data
-        if msg.headers and msg.headers.get("Status") == "503":
-            subject = state.subjects[index] if index < len(state.subjects) else "?"
+        if headers and headers.get("Status") == "503":
+            target = state.subjects[index] if index < len(state.subjects) else "?"
             state.errors[index] = RetryableError(
-                f"no stream captures subject {subject!r} (no responders)")
+                f"no stream captures subject {target!r} (no responders)")
         elif b'"error"' in data:
             state.errors[index] = _pub_error(data)
         state.remaining -= 1

@@ -9,21 +9,26 @@ after a delay, ``term`` stops redelivery of poison.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import time
+from collections.abc import Mapping
 from enum import StrEnum
+from types import MappingProxyType
 
-from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import api
 from nats.js.errors import NotFoundError
 from pydantic import Field, model_validator
 
-from connector import Batch, ConnectorError, Duration, Message, PushBuffer, Source
+from connector import Batch, ByteSize, ConnectorError, Duration, Message, PushBuffer, Source
 
 from .connection import Client, NatsConnectionConfig, open_connection
 
 _STATUS = "Status"
+_NO_HEADERS: Mapping[str, str] = MappingProxyType({})
+_Raw = tuple[str, str, bytes, "dict[str, str] | None"]  # subject, reply, data, headers
 _PENDING = "Nats-Pending-Messages"
 
 
@@ -49,8 +54,13 @@ class JetStreamSourceConfig(NatsConnectionConfig):
     ack_wait: Duration = Field(30.0, description="redelivery after this without an ack")
     max_ack_pending: int = Field(20_000, ge=1)
     max_deliver: int = Field(-1, description="-1: redeliver for ever")
-    prefetch: int = Field(2000, ge=1, description="messages requested ahead of reads")
-    pull_expires: Duration = Field(5.0, gt=0.1, description="lifetime of one pull request")
+    prefetch: int = Field(10_000, ge=1, description="messages requested ahead of reads, "
+                          "at most")
+    prefetch_bytes: ByteSize = Field(
+        16 * 1024 * 1024, description="about how many payload bytes may be requested ahead "
+        "of reads; the window shrinks to fit large messages")
+    pull_expires: Duration = Field(2.0, gt=0.1, description="lifetime of one pull request; "
+                                   "also the longest a close waits for open requests")
     domain: str | None = Field(None, description="JetStream domain")
 
     @model_validator(mode="after")
@@ -105,6 +115,9 @@ class JetStreamSource(Source[JetStreamSourceConfig]):
         cfg = self.config
         self._durable = cfg.durable or f"natsconn-{self.context.pipeline}"
         self._requested = 0  # messages asked for and not yet arrived
+        self._closing = False
+        self._requests_done = asyncio.Event()  # set once closing and none is open
+        self._avg_size = 8192.0  # payload bytes per message, learnt as they arrive
         self._last_seen = time.monotonic()
         self._fatal: str | None = None
         self._nc: Client = await open_connection(cfg, self.context, self._on_reconnect)
@@ -114,10 +127,9 @@ class JetStreamSource(Source[JetStreamSourceConfig]):
         prefix = f"$JS.{cfg.domain}.API" if cfg.domain else "$JS.API"
         self._next_subject = f"{prefix}.CONSUMER.MSG.NEXT.{cfg.stream}.{self._durable}"
         self._inbox = self._nc.new_inbox()
-        self._buffer: PushBuffer[Msg] = PushBuffer()
-        self._sub: Subscription = await self._nc.subscribe(
-            self._inbox, cb=self._on_message, pending_msgs_limit=-1, pending_bytes_limit=-1)
-        await self._pull(cfg.prefetch)
+        self._buffer: PushBuffer[_Raw] = PushBuffer()
+        self._sub: Subscription = await self._nc.subscribe_direct(self._inbox, self._on_message)
+        await self._refill(1)
         await self._nc.flush()
 
     async def _ensure_stream(self, js: object) -> None:
@@ -158,14 +170,19 @@ class JetStreamSource(Source[JetStreamSourceConfig]):
     async def _on_reconnect(self) -> None:
         self._requested = 0  # the server forgot our pull requests with the old connection
 
-    async def _on_message(self, msg: Msg) -> None:
+    def _on_message(self, subject: str, reply: str, data: bytes,
+                    headers: dict[str, str] | None) -> None:
+        """From the read loop (direct delivery): statuses settle the pull window,
+        messages go to the buffer. The window bounds what arrives."""
         self._last_seen = time.monotonic()
-        headers = msg.headers
-        if headers is not None and _STATUS in headers and not msg.data:
+        if headers is not None and _STATUS in headers and not data:
             self._on_status(headers)
             return
         self._requested -= 1
-        self._buffer.push(msg)
+        self._avg_size += (len(data) - self._avg_size) * 0.01
+        self._buffer.push((subject, reply, data, headers))
+        if self._closing and self._requested <= 0:
+            self._requests_done.set()
 
     def _on_status(self, headers: dict[str, str]) -> None:
         code = headers[_STATUS]
@@ -176,24 +193,35 @@ class JetStreamSource(Source[JetStreamSourceConfig]):
             self._requested = max(0, self._requested - int(pending))
         else:
             self._requested = 0
+        if self._closing and self._requested <= 0:
+            self._requests_done.set()
         if code == "409":
-            desc = str(headers.get("Description", ""))
+            # nats-py keys the description with an enum member, not the string
+            desc = " ".join(str(v) for k, v in headers.items() if str(k).endswith("Description")
+                            or getattr(k, "value", None) == "Description")
             if "Deleted" in desc or "push based" in desc:
                 self._fatal = f"consumer {self._durable!r}: {desc}"
 
     async def _pull(self, n: int) -> None:
         cfg = self.config
-        request = {"batch": n, "expires": int(cfg.pull_expires * 1e9)}
+        # max_bytes bounds each request even when sizes jump; never below the largest
+        # message the server allows, or one big message would end every request.
+        max_bytes = max(cfg.prefetch_bytes, self._nc.max_payload + 4096)
+        request = {"batch": n, "expires": int(cfg.pull_expires * 1e9), "max_bytes": max_bytes}
         await self._nc.publish(self._next_subject, json.dumps(request).encode(),
                                reply=self._inbox)
         self._requested += n
 
     async def _refill(self, max_messages: int) -> None:
+        if self._closing:
+            return
         if self._requested > 0 and time.monotonic() - self._last_seen > (
             self.config.pull_expires + 5
         ):
             self._requested = 0  # a lost request or status (connection blip)
-        want = max(self.config.prefetch, 2 * max_messages)
+        cfg = self.config
+        by_bytes = int(cfg.prefetch_bytes / max(self._avg_size, 1.0))
+        want = max(min(cfg.prefetch, by_bytes), 2 * max_messages, 1)
         have = self._requested + len(self._buffer)
         if have < want // 2:
             await self._pull(want - have)
@@ -208,14 +236,16 @@ class JetStreamSource(Source[JetStreamSourceConfig]):
         await self._refill(max_messages)
         messages = []
         replies = []
-        pending = 0
-        for m in msgs:
-            reply = m.reply
-            stream, seq, ts, pending = _metadata(reply)
-            messages.append(Message(m.data, m.subject, None, m.headers or {}, ts,
-                                    f"{stream}:{seq}"))
+        for subject, reply, data, headers in msgs:
+            t = reply.split(".")
+            if len(t) == 9:  # $JS.ACK.stream.consumer.delivered.sseq.cseq.ts.pending
+                ident, ts = f"{t[2]}:{t[5]}", int(t[7]) / 1e9
+            else:
+                stream, seq, ts, _ = _metadata(reply)
+                ident = f"{stream}:{seq}"
+            messages.append(Message(data, subject, None, headers or _NO_HEADERS, ts, ident))
             replies.append(reply)
-        self.context.meters.lag(pending)
+        self.context.meters.lag(_metadata(replies[-1])[3])
         return Batch(messages, JetStreamAck(self._nc, replies))
 
     async def close(self) -> None:
@@ -224,9 +254,18 @@ class JetStreamSource(Source[JetStreamSourceConfig]):
             return
         try:
             if nc.is_connected:
+                # A pull request still open would take the messages NAKed below (the
+                # server learns of our unsubscribe only by failing a delivery), so
+                # let open requests finish first: a full one at once, an idle one when
+                # it expires (pull_expires). What arrives meanwhile is NAKed too.
+                self._closing = True
+                if self._requested > 0:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._requests_done.wait(),
+                                               self.config.pull_expires + 0.5)
                 await self._sub.unsubscribe()
                 unread = self._buffer.take_all()  # hand them back now, not after ack_wait
-                await nc.publish_replies([m.reply for m in unread], b"-NAK")
+                await nc.publish_replies([raw[1] for raw in unread], b"-NAK")
                 await nc.flush(timeout=5)
         except Exception as exc:
             self.context.logger.warning("closing jetstream source: %s", exc)

@@ -8,15 +8,17 @@ the overflow is counted in ``natsconn_dropped_total`` and logged.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
+from types import MappingProxyType
 
-from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from pydantic import Field
 
 from connector import Batch, ByteSize, Message, PushBuffer, Source
 
-from .connection import NatsConnectionConfig, open_connection
+from .connection import Client, NatsConnectionConfig, open_connection
+
+_NO_HEADERS: Mapping[str, str] = MappingProxyType({})
 
 
 class NatsSourceConfig(NatsConnectionConfig):
@@ -35,31 +37,38 @@ class NatsSource(Source[NatsSourceConfig]):
 
     async def connect(self) -> None:
         cfg = self.config
-        self._nc: NATS = await open_connection(cfg, self.context)
-        self._buffer: PushBuffer[Msg] = PushBuffer()
+        self._nc: Client = await open_connection(cfg, self.context)
+        self._buffer: PushBuffer[Message] = PushBuffer()
+        self._buffered_bytes = 0
         self._subs: list[Subscription] = []
-        push = self._buffer.push
-
-        async def on_message(msg: Msg) -> None:
-            push(msg)
-
         for subject in cfg.subjects:
-            self._subs.append(await self._nc.subscribe(
-                subject, queue=cfg.queue_group or "", cb=on_message,
-                pending_msgs_limit=cfg.pending_messages_limit,
-                pending_bytes_limit=cfg.pending_bytes_limit,
-            ))
+            self._subs.append(await self._nc.subscribe_direct(
+                subject, self._on_message, queue=cfg.queue_group or ""))
         # nats-py writes a flush's PING straight to the socket, ahead of the SUBs
         # still queued for its flusher task: only the second round trip proves
         # that the server holds the subscriptions.
         await self._nc.flush()
         await self._nc.flush()
 
+    def _on_message(self, subject: str, _reply: str, data: bytes,
+                    headers: dict[str, str] | None) -> None:
+        """From the read loop. Core NATS cannot hold messages back: past the
+        buffer's limits they are dropped, counted and logged."""
+        cfg = self.config
+        if (len(self._buffer) >= cfg.pending_messages_limit
+                or self._buffered_bytes + len(data) > cfg.pending_bytes_limit):
+            self.context.meters.dropped(1, "core NATS buffer full (sink slower than "
+                                           "publishers; pending_messages_limit/bytes)")
+            return
+        self._buffered_bytes += len(data)
+        self._buffer.push(Message(data, subject, None, headers or _NO_HEADERS))
+
     async def read_batch(self, max_messages: int, max_wait: float) -> Batch | None:
-        msgs = await self._buffer.take(max_messages, max_wait)
-        if not msgs:
+        messages = await self._buffer.take(max_messages, max_wait)
+        if not messages:
             return None
-        return Batch([Message(m.data, m.subject, None, m.headers or {}) for m in msgs])
+        self._buffered_bytes -= sum(len(m.data) for m in messages)
+        return Batch(messages)
 
     async def close(self) -> None:
         nc = getattr(self, "_nc", None)
