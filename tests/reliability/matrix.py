@@ -15,11 +15,14 @@ Faults:
 * ``stall``: the proxy stops forwarding for longer than the source's ack wait
   (JetStream ack_wait, Redis min_idle_time, outbox lease: 5 s), then resumes;
 * ``kill``: ``kill -9`` of natsconn mid-stream (writes in flight, acks not yet
-  sent), then a new natsconn with the same file finishes the job.
+  sent), then a new natsconn with the same file finishes the job;
+* ``term``: SIGTERM mid-stream (a graceful stop: in-flight writes finish and are
+  acknowledged), then a new natsconn finishes the job.
 
 Verdict per cell: ``lost`` must be 0 (every pair's source is at least once in
 docs/delivery.md) and ``duplicated`` 0 where the sink deduplicates by id
-(JetStream, PostgreSQL) and the source gives ids (all but the Redis list).
+(JetStream, PostgreSQL) and the source gives ids (all but the Redis list), and
+after a graceful stop (``term``) everywhere: what was written was acknowledged.
 
 Run by hand: ``scripts/reliability`` (see ``--help``); the small CI version is
 tests/reliability/test_matrix_small.py.
@@ -51,7 +54,7 @@ from connector.testing.proxy import TcpProxy
 from . import private
 from .legs import AT_LEAST_ONCE, PAIRS, SINKS, SOURCES, SinkLeg
 
-FAULTS = ("cut", "restart", "stall", "kill")
+FAULTS = ("cut", "restart", "stall", "kill", "term")
 STALL_SECONDS = 12.0      # > the sources' 5 s ack wait / min idle / lease
 PACE_SECONDS = 0.004      # proxy delay per forwarded chunk: keeps the flow catchable
 FLOW: dict[str, Any] = {
@@ -156,8 +159,20 @@ async def fault_kill(run: Run) -> str:
     return f"kill -9 at {at}/{run.sent} delivered"
 
 
+async def fault_term(run: Run) -> str:
+    at = await _count(run.sink) or 0
+    run.proc.signal(signal.SIGTERM)
+    code = await run.proc.wait_exit(60)
+    run.extra_procs.append(run.proc)
+    run.proc = await NatsconnProcess.start(run.file, log_name=f"{run.file.stem}.after-term.log",
+                                           env={"NATSCONN_INSTANCE": "reliability"})
+    await run.proc.wait_ready(90)
+    return f"SIGTERM at {at}/{run.sent} delivered, exit {code}"
+
+
 FAULT_FUNCS: dict[str, Callable[[Run], Awaitable[str]]] = {
-    "cut": fault_cut, "restart": fault_restart, "stall": fault_stall, "kill": fault_kill}
+    "cut": fault_cut, "restart": fault_restart, "stall": fault_stall, "kill": fault_kill,
+    "term": fault_term}
 
 
 # ---------------------------------------------------------------------- one cell
@@ -185,8 +200,8 @@ async def _settle(run: Run, timeout: float) -> None:
 async def run_cell(source: str, sink: str, fault: str, n: int, workdir: Path,
                    log: Callable[[str], None] = print) -> Cell:
     scope = uuid.uuid4().hex[:8]
-    cell = Cell(source, sink, fault, n,
-                expect_no_duplicates=SINKS[sink].dedupes and SOURCES[source].gives_ids)
+    cell = Cell(source, sink, fault, n, expect_no_duplicates=fault == "term" or (
+        SINKS[sink].dedupes and SOURCES[source].gives_ids))
     src, dst = SOURCES[source](scope), SINKS[sink](scope)
     started = time.monotonic()
     proxy = await TcpProxy(private.HOST, dst.port, delay=PACE_SECONDS).start()
@@ -239,7 +254,8 @@ def table(cells: list[Cell]) -> str:
     rows = ["| pair | fault | sent | delivered | lost | duplicated | claim | verdict | "
             "what happened |", "|---|---|---:|---:|---:|---:|---|---|---|"]
     for c in cells:
-        claim = "at least once" + (", no duplicates (dedupe by id)"
+        claim = "at least once" + (", no duplicates (graceful stop)" if c.fault == "term"
+                                   else ", no duplicates (dedupe by id)"
                                    if c.expect_no_duplicates else "")
         if SINKS[c.sink].dedupes and not c.expect_no_duplicates:
             claim += " (source gives no ids: no dedupe)"
