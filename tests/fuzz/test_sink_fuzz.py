@@ -34,6 +34,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from integration.helpers import read_stream
 from natsconn_kafka.sink import KafkaSink
 from natsconn_nats.jetstream_sink import JetStreamSink
 from natsconn_nats.sink import NatsSink
@@ -158,14 +159,12 @@ def _targets(urls: dict[str, str]) -> dict[str, MakeTarget]:
                                                 subject=f"fzjs.{scope}.{{subject}}")
 
         async def read() -> list[Message]:
-            info = await js.stream_info(stream)
-            out = []
-            for seq in range(1, info.state.last_seq + 1):
-                raw = await js.get_msg(stream, seq)
-                out.append(Message(raw.data or b"", raw.subject, None,
-                                   {k: v for k, v in (raw.headers or {}).items()
-                                    if not k.startswith("Nats-")}))
-            return out
+            # through a consumer, as a subscriber sees them (get_msg parses headers
+            # with the email module, which turns non-ASCII values into objects)
+            return [Message(m.data or b"", m.subject, None,
+                            {k: v for k, v in (m.headers or {}).items()
+                             if not k.startswith("Nats-")})
+                    for m in await read_stream(nc, stream, 20)]
 
         async def cleanup() -> None:
             await js.delete_stream(stream)
