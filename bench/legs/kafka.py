@@ -94,7 +94,10 @@ class Kafka(Endpoint):
         super().__init__(env)
         self.bootstrap = env.get("KAFKA_BOOTSTRAP", DEFAULT_BOOTSTRAP)
         self._admin: AIOKafkaAdminClient | None = None
-        self._counter: AIOKafkaConsumer | None = None
+        # Per topic: a consumer without a group that only asks for end offsets. One per
+        # topic, stopped with it: a client keeps refreshing the metadata of every topic
+        # it was asked about, and logs an error for each one deleted since.
+        self._counters: dict[str, AIOKafkaConsumer] = {}
 
     # ---- harness side
 
@@ -102,14 +105,10 @@ class Kafka(Endpoint):
         self._admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap,
                                           client_id="bench-admin")
         await self._admin.start()
-        # No group: only asks for end offsets.
-        self._counter = AIOKafkaConsumer(bootstrap_servers=self.bootstrap,
-                                         client_id="bench-counter", enable_auto_commit=False)
-        await self._counter.start()
 
     async def close(self) -> None:
-        if self._counter is not None:
-            await self._counter.stop()
+        for counter in self._counters.values():
+            await counter.stop()
         if self._admin is not None:
             await self._admin.close()
 
@@ -131,13 +130,22 @@ class Kafka(Endpoint):
         return {"topic": topic, "partitions": PARTITIONS, "group": f"bench-{tag}"}
 
     async def destroy(self, place: Place) -> None:
+        counter = self._counters.pop(place["topic"], None)
+        if counter is not None:
+            await counter.stop()
         with contextlib.suppress(KafkaError, OSError):
             await self.admin.delete_topics([place["topic"]])
 
     async def delivered(self, place: Place) -> int:
-        assert self._counter is not None, "open() first"
-        tps = [TopicPartition(place["topic"], p) for p in range(place["partitions"])]
-        ends = await self._counter.end_offsets(tps)
+        topic = place["topic"]
+        counter = self._counters.get(topic)
+        if counter is None:
+            counter = AIOKafkaConsumer(bootstrap_servers=self.bootstrap,
+                                       client_id="bench-counter", enable_auto_commit=False)
+            await counter.start()
+            self._counters[topic] = counter
+        tps = [TopicPartition(topic, p) for p in range(place["partitions"])]
+        ends = await counter.end_offsets(tps)
         return int(sum(ends.values()))
 
     def source_block(self, place: Place, params: Params) -> dict[str, Any]:

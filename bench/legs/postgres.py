@@ -78,9 +78,14 @@ class _Postgres(Endpoint):
         super().__init__(env)
         self.dsn = _dsn(env)
         self._conn: asyncpg.Connection | None = None
+        self._version = self._settings = "?"
 
     async def open(self) -> None:
         self._conn = await asyncpg.connect(self.dsn)
+        self._version = str(await self._conn.fetchval("SHOW server_version"))
+        settings = [f"{name} {await self._conn.fetchval(f'SHOW {name}')}"
+                    for name in ("synchronous_commit", "fsync", "shared_buffers")]
+        self._settings = ", ".join(settings)
 
     async def close(self) -> None:
         if self._conn is not None:
@@ -92,12 +97,9 @@ class _Postgres(Endpoint):
         return self._conn
 
     def describe(self) -> dict[str, str]:
-        info = {"asyncpg": importlib.metadata.version("asyncpg")}
-        if self._conn is not None:
-            v = self._conn.get_server_version()
-            info["postgresql"] = f"{v.major}.{v.minor}"
-        info["postgres_settings"] = "synchronous_commit on, fsync on (local cluster defaults)"
-        return info
+        return {"asyncpg": importlib.metadata.version("asyncpg"),
+                "postgresql": self._version,
+                "postgres_settings": self._settings}
 
 
 @endpoint
