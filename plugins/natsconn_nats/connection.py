@@ -58,7 +58,6 @@ class NatsConnectionConfig(PluginConfig):
 
 _INVALID_SUBJECT = re.compile(r"[ \t\r\n]")
 _HEADER_KEY = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_NEWLINES = str.maketrans({"\r": " ", "\n": " "})
 _CHUNK = 1024 * 1024  # bytes of commands handed to the client at a time
 _GOOD_SUBJECTS: set[str] = set()  # subjects and header names already checked
 _GOOD_KEYS: set[str] = set()
@@ -66,12 +65,16 @@ _GOOD_KEYS: set[str] = set()
 
 def encode_publish(subject: str, payload: bytes, headers: Mapping[str, str] | None = None,
                    reply: str = "") -> bytes:
-    """One PUB or HPUB command, with nats-py's own checks: no whitespace in the
-    subject (CRLF would inject protocol), header names as tokens, header values on
-    one line. Raises ``BadSubjectError``, ``BadHeaderError`` or ``UnicodeError``."""
+    """One PUB or HPUB command. Stricter than nats-py's publish(): what would be
+    lost or altered on the way is refused (``BadSubjectError``,
+    ``BadHeaderError``, ``UnicodeError``), and the sinks reject that message."""
     if subject not in _GOOD_SUBJECTS:
-        if not subject or _INVALID_SUBJECT.search(subject):
-            raise nats.errors.BadSubjectError
+        # No whitespace (CRLF would inject protocol), no empty token (`a..b`: the
+        # server takes it and no subscriber or stream ever sees it), no wildcard.
+        if not subject or _INVALID_SUBJECT.search(subject) or any(
+            not token or token in ("*", ">") for token in subject.split(".")
+        ):
+            raise nats.errors.BadSubjectError(f"invalid subject for a publish: {subject!r}")
         if len(_GOOD_SUBJECTS) > 10_000:  # templates may make many; stay bounded
             _GOOD_SUBJECTS.clear()
         _GOOD_SUBJECTS.add(subject)
@@ -79,17 +82,21 @@ def encode_publish(subject: str, payload: bytes, headers: Mapping[str, str] | No
     if not headers:
         return b"PUB %b %d\r\n%b\r\n" % (head, len(payload), payload)
     lines = [b"NATS/1.0\r\n"]
-    for name, value in headers.items():
-        key = name.strip()
-        if not key:
-            continue
+    for key, value in headers.items():
+        # Refuse what would not arrive as sent, rather than alter it: receivers
+        # split header lines on CRLF and strip values of ASCII whitespace.
         if key not in _GOOD_KEYS:
             if not _HEADER_KEY.fullmatch(key):
-                raise nats.errors.BadHeaderError(key)
+                raise nats.errors.BadHeaderError(f"header name {key[:60]!r} is not a token")
             if len(_GOOD_KEYS) > 1_000:
                 _GOOD_KEYS.clear()
             _GOOD_KEYS.add(key)
-        lines.append(b"%b: %b\r\n" % (key.encode(), value.strip().translate(_NEWLINES).encode()))
+        raw = value.encode()
+        if raw != raw.strip() or b"\r" in raw or b"\n" in raw:
+            raise nats.errors.BadHeaderError(
+                f"header {key!r}: a value with a line break or leading/trailing whitespace "
+                "cannot travel unchanged")
+        lines.append(b"%b: %b\r\n" % (key.encode(), raw))
     lines.append(b"\r\n")
     hdr = b"".join(lines)
     return b"HPUB %b %d %d\r\n%b%b\r\n" % (head, len(hdr), len(hdr) + len(payload), hdr,
