@@ -180,7 +180,8 @@ class Pipeline:
                 return True
             except RetryableError as exc:
                 wait = read_backoff.next(exc.retry_after)
-                self.log.warning("source read failed, retrying in %.2fs: %s", wait, exc)
+                self.log.warning("source read failed, retrying in %.2fs: %s", wait, exc,
+                                 extra={"pipeline": self.name})
                 await self._sleep_or_stop(wait)
                 continue
             read_backoff.reset()
@@ -313,7 +314,8 @@ class Pipeline:
                 retry_after = error.retry_after if isinstance(error, RetryableError) else None
                 wait = backoff.next(retry_after)
                 self.log.warning("write of %d message(s) failed (attempt %d), retrying in "
-                                 "%.2fs: %s", len(messages), attempt, wait, error)
+                                 "%.2fs: %s", len(messages), attempt, wait, error,
+                                 extra={"pipeline": self.name})
                 await self._sleep_or_deadline(wait)
         except (_Stopped, asyncio.CancelledError):
             # Shutdown deadline: whatever is unwritten comes again from the source.
@@ -457,7 +459,8 @@ class Pipeline:
             todo = retry
             if todo:
                 wait = backoff.next(getattr(last, "retry_after", None))
-                self.log.error("dead-letter write failed, retrying in %.2fs: %s", wait, last)
+                self.log.error("dead-letter write failed, retrying in %.2fs: %s", wait, last,
+                               extra={"pipeline": self.name})
                 await self._sleep_or_deadline(wait)
         for j, why in refused:
             # The last resort refuses it too (too large for it as well, say): a retry

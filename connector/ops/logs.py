@@ -11,6 +11,7 @@ from collections.abc import Iterable
 
 REDACTED = "***"
 _URL_PASSWORD = re.compile(r"://([^/@:\s]*):[^/@\s]+@")
+_URL_TOKEN = re.compile(r"://[^/@:\s]+@")  # nats://TOKEN@host: a bare token
 
 
 class Redactor:
@@ -33,6 +34,7 @@ class Redactor:
                 text = text.replace(secret, REDACTED)
         if "@" in text:  # a password inside any URL, known or not
             text = _URL_PASSWORD.sub(rf"://\1:{REDACTED}@", text)
+            text = _URL_TOKEN.sub(f"://{REDACTED}@", text)
         return text
 
 
@@ -72,7 +74,17 @@ class ConsoleFormatter(logging.Formatter):
         return REDACTOR(text)
 
 
+class _QuietAsyncio(logging.Filter):
+    """asyncio warns on every TLS close that 'returning true from eof_received()
+    has no effect when using ssl' (a remark about the client library, not an
+    event an operator can act on)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "eof_received()" not in record.getMessage()
+
+
 def configure(fmt: str = "console", level: str = "info") -> None:
+    logging.getLogger("asyncio").addFilter(_QuietAsyncio())
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else ConsoleFormatter())
     root = logging.getLogger()
