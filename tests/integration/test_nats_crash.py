@@ -142,6 +142,9 @@ async def test_sigterm_finishes_in_flight_work_and_acks_it(
     await create_stream(nc, target, [f"stout.{unique}.>"])
     await publish_js(nc, f"stin.{unique}.x", n)
     proxy = await tcp_proxy(*nats_address)
+    # Slow the sink's connection so that the stall below lands mid-stream: unslowed,
+    # the pipeline can write all n before the test sees the first write.
+    proxy.delay = 0.05
     file = pipeline_file(tmp_path, [{
         "name": pipeline,
         "source": _source(nats_url, source, durable) | {"ack_wait": "30s"},
@@ -162,6 +165,7 @@ async def test_sigterm_finishes_in_flight_work_and_acks_it(
         signalled = time.monotonic()
         await wait_until(lambda: "stopping; finishing in-flight work" in proc.log(), 5,
                          "the SIGTERM log line")
+        proxy.delay = 0.0
         proxy.resume()
         code = await proc.wait_exit(shutdown_timeout + 5)
         took = time.monotonic() - signalled
