@@ -336,6 +336,14 @@ async def open_connection(
         reason = str(cause) or type(cause).__name__
         if isinstance(cause, ssl.SSLError | ssl.CertificateError):
             reason = f"TLS: {reason}"
+        elif isinstance(cause, ConnectionError) and not isinstance(
+            cause, ConnectionRefusedError) and (
+            config.tls is not None or any(u.startswith("tls://") for u in config.servers)
+        ):
+            # TLS 1.3 servers check the client certificate after the handshake; the
+            # refusal often reaches us as a bare reset or broken pipe, not as the alert.
+            reason = (f"TLS: the server ended the session ({reason}); a missing or "
+                      "untrusted client certificate shows this way with TLS 1.3")
         with contextlib.suppress(Exception):
             await asyncio.wait_for(nc.close(), 2.0)
         raise RetryableError(f"cannot connect to NATS at {describe_servers(config.servers)}: "
