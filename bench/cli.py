@@ -47,9 +47,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--batch", type=int, default=1000, help="batch size (default 1000)")
     run.add_argument("--max-in-flight", type=int, default=4, help="concurrent batches "
                      "(default 4)")
-    run.add_argument("--prefetch", type=int, default=2000, help="JetStream pull window, for "
-                     "the source plugin and the raw pull leg alike (default 2000, the "
-                     "plugin's default)")
+    run.add_argument("--prefetch", type=int, default=10_000, help="JetStream pull window in "
+                     "messages, for the source plugin and the raw pull leg alike (default "
+                     "10000, the plugin's default; either way within --prefetch-bytes)")
+    run.add_argument("--prefetch-bytes", type=int, default=16 * 2**20, help="JetStream pull "
+                     "window in payload bytes (default 16 MiB, the plugin's default)")
     run.add_argument("--storage", choices=["file", "memory"], default="file",
                      help="JetStream stream storage (default file)")
     run.add_argument("--loop", choices=["uvloop", "asyncio"],
@@ -159,6 +161,7 @@ def _run(args: argparse.Namespace) -> int:
         pairs=pairs, sizes=sizes, runs=1 if args.quick else args.runs,
         warmup=not (args.quick or args.no_warmup), quick=args.quick, count=args.count,
         batch=args.batch, max_in_flight=args.max_in_flight, prefetch=args.prefetch,
+        prefetch_bytes=args.prefetch_bytes,
         storage=args.storage,
         loop=_loop(args.loop), noise=args.noise, env=_service_env(),
         raw_legs=not args.pipeline_only,

@@ -46,6 +46,8 @@ class Endpoint(ABC):
     durable: ClassVar[bool] = True  # False: a source needs a live feed (core NATS, pub/sub)
     gives_ids: ClassVar[bool] = False  # its source sets Message.id
     uses_ids: ClassVar[bool] = False  # its sink writes Message.id (dedupe key, upsert key)
+    # how a produce leg carrying ids names them in the report (``uses_ids`` sinks)
+    ids_label: ClassVar[str] = "with ids"
     # technique -> one line describing it; methods produce_<technique>/consume_<technique>
     produce_legs: ClassVar[dict[str, str]] = {}
     consume_legs: ClassVar[dict[str, str]] = {}

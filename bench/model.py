@@ -23,7 +23,8 @@ class Params:
     batch: int = 1000  # messages per batch (pipeline batch.max_messages, raw legs' batch)
     max_in_flight: int = 4  # concurrent batches (pipeline max_in_flight, raw produce legs)
     max_wait: float = 0.02  # pipeline linger (batch.max_wait)
-    prefetch: int = 2000  # JetStream pull window (plugin default), raw pull leg alike
+    prefetch: int = 10_000  # JetStream pull window in messages (plugin default), raw leg alike
+    prefetch_bytes: int = 16 * 2**20  # ... within about this many payload bytes (plugin default)
     ids: bool = False  # messages carry a source id (JetStream sink then sets Nats-Msg-Id)
     storage: str = "file"  # JetStream stream storage
 

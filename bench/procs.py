@@ -22,12 +22,16 @@ from dataclasses import dataclass
 TICK = os.sysconf("SC_CLK_TCK")
 
 
-def proc_cpu(pid: int) -> float:
-    """user+sys seconds of a live process (raises OSError once it is gone)."""
+def proc_cpu(pid: int, children: bool = False) -> float:
+    """user+sys seconds of a live process (raises OSError once it is gone); with
+    ``children``, plus those of the children it has waited for (cutime, cstime)."""
     with open(f"/proc/{pid}/stat", "rb") as f:
         raw = f.read()
     fields = raw[raw.rindex(b")") + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / TICK  # utime, stime (fields 14, 15)
+    ticks = int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+    if children:
+        ticks += int(fields[13]) + int(fields[14])  # cutime, cstime (fields 16, 17)
+    return ticks / TICK
 
 
 def proc_hwm(pid: int) -> int:
@@ -63,50 +67,90 @@ def find_pids(comm: str) -> list[int]:
     return pids
 
 
-def _cpu_or_zero(pid: int) -> float:
+def _cpu_or_none(pid: int, children: bool = False) -> float | None:
     try:
-        return proc_cpu(pid)
-    except OSError:
-        return 0.0
+        return proc_cpu(pid, children)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class ServerCpu:
+    """CPU the server processes named ``names`` (``/proc/<pid>/comm``) used since
+    :meth:`start`: never negative, never decreasing.
+
+    Server process sets change under a measurement: PostgreSQL forks a backend
+    per connection (natsconn's and the raw legs' come and go), and a server
+    may be restarted by another helper. Each process counts its own CPU plus
+    that of its children it has reaped (``cutime``/``cstime``): a backend that
+    exits moves its CPU into the postmaster's count, so it is neither lost nor
+    counted twice. Pids are rescanned at most every ``rescan`` seconds; a
+    server that vanished (restarted) lowers the sum, which is held at its
+    highest instead of going negative.
+    """
+
+    def __init__(self, names: list[str], rescan: float = 0.25) -> None:
+        self.names = sorted(set(names))
+        self.rescan = rescan
+        self._pids: list[int] = []
+        self._scanned = 0.0
+        self._base = 0.0
+        self._best = 0.0
+
+    def _scan(self) -> None:
+        self._pids = [pid for name in self.names for pid in find_pids(name)]
+        self._scanned = time.monotonic()
+
+    def _total(self) -> float:
+        return sum(cpu for pid in self._pids
+                   if (cpu := _cpu_or_none(pid, children=True)) is not None)
+
+    def start(self) -> None:
+        self._scan()
+        self._base = self._total()
+        self._best = 0.0
+
+    def since_start(self) -> float:
+        if time.monotonic() - self._scanned >= self.rescan:
+            self._scan()
+        self._best = max(self._best, self._total() - self._base)
+        return self._best
 
 
 @dataclass(slots=True)
 class CpuMeter:
     """Machine busy time minus what we account for, over one measurement.
 
-    ``servers`` are the service processes the measurement talks to (their CPU
-    is part of the work, not foreign load); the harness itself and the
-    children it reaped are accounted for too.
+    ``servers`` are the command names of the service processes the
+    measurement talks to (their CPU is part of the work, not foreign load);
+    the harness itself and the children it reaped are accounted for too.
     """
 
-    servers: list[int]
+    servers: ServerCpu
     t0: float = 0.0
     busy0: float = 0.0
     own0: float = 0.0
-    server0: float = 0.0
 
     def start(self) -> None:
         self.t0 = time.monotonic()
         self.busy0 = machine_busy()
-        self.own0 = self._own()
-        self.server0 = self.server_cpu()
+        self.own0 = time.process_time()
+        self.servers.start()
 
     def server_since_start(self) -> float:
         """CPU seconds the servers used since ``start``."""
-        return self.server_cpu() - self.server0
-
-    def _own(self) -> float:
-        return time.process_time() + sum(_cpu_or_zero(p) for p in self.servers)
+        return self.servers.since_start()
 
     def other_cores(self, children_cpu: float) -> float:
         wall = time.monotonic() - self.t0
         if wall <= 0:
             return 0.0
-        foreign = (machine_busy() - self.busy0) - (self._own() - self.own0) - children_cpu
+        own = (time.process_time() - self.own0) + self.servers.since_start()
+        foreign = (machine_busy() - self.busy0) - own - children_cpu
         return max(0.0, foreign / wall)
 
     def server_cpu(self) -> float:
-        return sum(_cpu_or_zero(p) for p in self.servers)
+        """Same as :meth:`server_since_start` (kept for callers that difference it)."""
+        return self.servers.since_start()
 
 
 class Child:
@@ -126,6 +170,7 @@ class Child:
         self.maxrss = 0  # bytes, set by reap()
         self.returncode: int | None = None
         self.stderr = b""
+        self._cpu_seen = 0.0
 
     async def readline(self, timeout: float) -> str | None:
         """The next stdout line, or None at end of file."""
@@ -134,7 +179,11 @@ class Child:
         return line.decode().rstrip("\n") if line else None
 
     def cpu(self) -> float:
-        return _cpu_or_zero(self.pid)
+        """Live CPU seconds (the last reading once the process is gone)."""
+        cpu = _cpu_or_none(self.pid) if self.returncode is None else None
+        if cpu is not None:
+            self._cpu_seen = cpu
+        return self._cpu_seen
 
     def hwm(self) -> int:
         try:
@@ -143,33 +192,56 @@ class Child:
             return 0
 
     def alive(self) -> bool:
-        return self.returncode is None and self.proc.poll() is None
+        """Still running? Never reaps (``WNOWAIT``): :meth:`reap` must get the
+        child's rusage, and a reaped pid would make its ``wait4`` fail (ECHILD)."""
+        if self.returncode is not None:
+            return False
+        try:
+            return os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None
+        except ChildProcessError:
+            return False
 
     def terminate(self) -> None:
         if self.alive():
             os.kill(self.pid, signal.SIGTERM)
 
     async def reap(self, timeout: float = 30.0) -> int:
-        """Wait for exit (SIGKILL after ``timeout``); record whole-life CPU and RSS."""
+        """Wait for exit (SIGKILL after ``timeout``); record whole-life CPU and RSS and
+        the child's stderr. Never raises for a child already reaped elsewhere: its
+        stderr (often the traceback that explains a failure) still comes back."""
         deadline = time.monotonic() + timeout
-        while True:
-            pid, status, usage = os.wait4(self.pid, os.WNOHANG)  # noqa: ASYNC222 (WNOHANG)
-            if pid == self.pid:
-                break
-            if time.monotonic() > deadline:
-                os.killpg(self.pid, signal.SIGKILL)
-                deadline = time.monotonic() + 10
-            await asyncio.sleep(0.02)
-        self.returncode = os.waitstatus_to_exitcode(status)
+        usage = None
+        try:
+            while True:
+                pid, status, usage = os.wait4(self.pid, os.WNOHANG)  # noqa: ASYNC222
+                if pid == self.pid:
+                    self.returncode = os.waitstatus_to_exitcode(status)
+                    break
+                if time.monotonic() > deadline:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(self.pid, signal.SIGKILL)
+                    deadline = time.monotonic() + 10
+                await asyncio.sleep(0.02)
+        except ChildProcessError:  # reaped by someone else: no rusage left to read
+            usage = None
+            self.returncode = self.proc.returncode if self.proc.returncode is not None else -1
         self.proc.returncode = self.returncode  # so Popen does not reap it again
-        self.cpu_total = usage.ru_utime + usage.ru_stime
-        self.maxrss = usage.ru_maxrss * 1024
-        self._stderr_file.seek(0)
-        self.stderr = self._stderr_file.read()
-        self._stderr_file.close()
+        if usage is not None:
+            self.cpu_total = usage.ru_utime + usage.ru_stime
+            self.maxrss = usage.ru_maxrss * 1024
+        else:
+            self.cpu_total = self._cpu_seen
+        if not self._stderr_file.closed:
+            self._stderr_file.seek(0)
+            self.stderr = self._stderr_file.read()
+            self._stderr_file.close()
         if self.proc.stdout is not None:
             self.proc.stdout.close()
         return self.returncode
+
+    def stderr_tail(self, limit: int = 3000) -> str:
+        """The end of the child's stderr (after :meth:`reap`), for error messages."""
+        return self.stderr.decode(errors="replace")[-limit:]
 
     def kill(self) -> None:
         if self.alive():

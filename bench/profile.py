@@ -20,12 +20,19 @@ from pathlib import Path
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::\d+)?\)$")
 
 # First matching path fragment names the component a frame's file belongs to.
-COMPONENTS = [
+COMPONENTS = [  # plugin packages first: "natsconn_redis/" also contains "redis/"
+    ("natsconn_nats/", "natsconn NATS plugins"),
+    ("natsconn_kafka/", "natsconn Kafka plugins"),
+    ("natsconn_redis/", "natsconn Redis plugins"),
+    ("natsconn_postgres/", "natsconn PostgreSQL plugins"),
+    ("natsconn_dev/", "natsconn dev plugins"),
     ("nats/aio/", "nats-py client"),
     ("nats/js/", "nats-py jetstream"),
     ("nats/protocol/", "nats-py protocol"),
-    ("natsconn_nats/", "natsconn NATS plugins"),
-    ("natsconn_dev/", "natsconn dev plugins"),
+    ("aiokafka/", "aiokafka"),
+    ("redis/", "redis-py"),
+    ("hiredis", "hiredis"),
+    ("asyncpg/", "asyncpg"),
     ("connector/engine/", "natsconn engine"),
     ("connector/ops/", "natsconn metrics/ops"),
     ("connector/", "natsconn SDK"),

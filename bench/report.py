@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .model import Params, Sample, Stats
-from .registry import PAIRS
+from .registry import ENDPOINTS, PAIRS
 from .runner import REPO, Measured, Options, PairResult
 
 
@@ -53,15 +53,22 @@ def conditions(opts: Options, described: dict[str, str], started: float) -> dict
         "cpu_count": os.cpu_count(),
         "event_loop": loop,
         "batch_max_messages": opts.batch,
-        "batch_max_wait": "20ms",
+        "batch_max_wait": f"{round(Params(0, 0).max_wait * 1000)}ms",
         "max_in_flight": opts.max_in_flight,
-        "jetstream_prefetch": opts.prefetch,
+        "jetstream_prefetch": f"{opts.prefetch} messages within "
+                              f"{opts.prefetch_bytes / 2**20:g} MiB",
         "jetstream_storage": opts.storage,
         "runs": opts.runs,
         "warmup": "one run at a quarter of the count" if opts.warmup else "none",
         "noise_threshold_cores": opts.noise,
         **described,
     }
+
+
+def _ids_label(endpoint: str) -> str:
+    """How the ids a produce leg carries are written (Nats-Msg-Id, a unique column…)."""
+    ep = ENDPOINTS.get(endpoint)
+    return ep.ids_label if ep is not None else "with ids"
 
 
 def _rate(v: float) -> str:
@@ -137,8 +144,8 @@ def markdown(results: list[PairResult], cond: dict[str, Any]) -> str:
             fed = [n for s in m.stats.samples for n in s.notes if n.startswith("fed at")]
             if fed:
                 notes.append(fed[0] + " (run 1)")
-            technique = m.technique + (" + Nats-Msg-Id" if m.kind == "produce" and m.params.ids
-                                       else "")
+            technique = m.technique + (f" {_ids_label(m.endpoint)}"
+                                       if m.kind == "produce" and m.params.ids else "")
             out.append(f"| {m.kind} {m.endpoint} | {technique} | {m.params.size} B | "
                        f"{_range(m)} | {_us(m.stats.cpu_per_message)} | {m.stats.cores:.2f} / "
                        f"{m.stats.server_cores:.2f} | "

@@ -33,7 +33,7 @@ from typing import Any
 
 from .endpoint import Endpoint
 from .model import Params, Place, Sample, Stats
-from .procs import Child, CpuMeter, find_pids
+from .procs import Child, CpuMeter, ServerCpu
 from .profile import Recorder
 from .registry import ENDPOINTS, Pair
 
@@ -60,7 +60,8 @@ class Options:
     count: int | None = None  # overrides every pair's count
     batch: int = 1000
     max_in_flight: int = 4
-    prefetch: int = 2000
+    prefetch: int = 10_000
+    prefetch_bytes: int = 16 * 2**20
     storage: str = "file"
     loop: str = "uvloop"
     noise: float = 0.35  # a run whose foreign CPU exceeds this many cores is noisy
@@ -170,7 +171,7 @@ class Harness:
         self.endpoints: dict[str, Endpoint] = {}
         names = {n for p in opts.pairs for e in (p.source, p.sink) if e in ENDPOINTS
                  for n in ENDPOINTS[e].servers()}
-        self.meter = CpuMeter([pid for n in sorted(names) for pid in find_pids(n)])
+        self.meter = CpuMeter(ServerCpu(sorted(names)))
         self._cache: dict[str, Measured] = {}
         self._tmp = REPO / "bench" / "results" / "tmp"
         self.profile_to: Path | None = None  # set by `bench profile`: py-spy output
@@ -214,7 +215,8 @@ class Harness:
         count = o.count or (pair.quick_count if o.quick else pair.count)
         src = ENDPOINTS[pair.source]
         return Params(size=size, count=count, batch=o.batch, max_in_flight=o.max_in_flight,
-                      prefetch=o.prefetch, ids=src.gives_ids, storage=o.storage)
+                      prefetch=o.prefetch, prefetch_bytes=o.prefetch_bytes,
+                      ids=src.gives_ids, storage=o.storage)
 
     async def run_pair(self, pair: Pair, size: int) -> PairResult:
         params = self.params(pair, size)
@@ -325,11 +327,17 @@ class Harness:
         """Run a worker; returns its sample, its whole-life CPU and, when a live
         feed was started on READY, the feeder's sample and CPU."""
         spec = {"env": self.opts.env, "loop": self.opts.loop, **spec}
+        return await self._run_worker(spec, on_ready, profile)
+
+    async def _run_worker(self, spec: dict[str, Any], on_ready: Callable[[], Feed] | None,
+                          profile: Path | None,
+                          ) -> tuple[Sample, float, tuple[Sample, float] | None]:
         child = Child(self._worker_argv(spec), env=self._child_env(), cwd=str(REPO))
         recorder = (Recorder(child.pid, profile, self.profile_rate) if profile is not None
                     else None)
         result: Sample | None = None
         feed: asyncio.Task[tuple[Sample, float]] | None = None
+        failure: BaseException | None = None
         try:
             while True:
                 line = await child.readline(timeout=900)
@@ -339,6 +347,8 @@ class Harness:
                     feed = asyncio.create_task(on_ready())
                 elif line.startswith("RESULT "):
                     result = Sample.from_json(json.loads(line[7:]))
+        except Exception as exc:  # a timeout, a bad line: report it with the stderr
+            failure = exc
         finally:
             if result is None:
                 child.kill()
@@ -347,9 +357,10 @@ class Harness:
             await child.reap()
         fed = await feed if feed is not None else None
         if result is None:
-            tail = child.stderr.decode(errors="replace")[-3000:]
+            why = f"{type(failure).__name__}: {failure}; " if failure is not None else ""
             raise BenchError(f"worker {spec.get('mode')} {spec.get('endpoint')}/"
-                             f"{spec.get('technique')} failed (exit {child.returncode}):\n{tail}")
+                             f"{spec.get('technique')} failed ({why}exit {child.returncode}):"
+                             f"\n{child.stderr_tail()}")
         return result, child.cpu_total, fed
 
     def _child_env(self) -> dict[str, str]:
@@ -455,6 +466,11 @@ class Harness:
                 feed = asyncio.create_task(self._produce(src, src_place, feed_params))
             try:
                 sample = await self._watch(child, dst, dst_place, params.count, feed)
+            except BenchError as exc:
+                child.kill()
+                await child.reap()
+                raise BenchError(f"{exc}\nnatsconn run (exit {child.returncode}) stderr:\n"
+                                 f"{child.stderr_tail()}") from None
             finally:
                 if recorder is not None:
                     await asyncio.to_thread(recorder.stop)
@@ -467,7 +483,9 @@ class Harness:
             sample.other_cores = self.meter.other_cores(
                 child.cpu_total + (fed[1] if fed else 0.0))
             if child.returncode not in (0, None):
-                sample.notes.append(f"natsconn exit {child.returncode}")
+                last = child.stderr_tail(300).strip().splitlines()[-1:]
+                sample.notes.append(f"natsconn exit {child.returncode}"
+                                    + (f": {last[0]}" if last else ""))
             path.unlink(missing_ok=True)
             return sample
         finally:
@@ -484,7 +502,7 @@ class Harness:
             if not child.alive():
                 await child.reap()
                 raise BenchError("natsconn run exited before it was ready:\n"
-                                 + child.stderr.decode(errors="replace")[-3000:])
+                                 + child.stderr_tail())
             try:
                 status = await asyncio.to_thread(_get_status, url)
                 if status == 200:

@@ -11,7 +11,9 @@ constant subject and to reply subjects the server gave):
   callback; ``max_in_flight`` batches outstanding. One round trip per batch.
 - JetStream pull: a durable pull consumer read through one long-lived inbox
   with pull requests issued ahead of need (never nats-py's ``fetch()``, which
-  waits a round trip per batch); every message acked (``+ACK``) per batch.
+  waits a round trip per batch), the plugin's window (``prefetch`` messages
+  within ``prefetch_bytes``, each request capped by bytes); every message
+  acked (``+ACK``) per batch.
 - JetStream push: a durable push consumer delivering to a callback; same acks.
 """
 
@@ -256,6 +258,7 @@ class JetStream(_NatsBase):
     durable = True
     gives_ids = True
     uses_ids = True  # Nats-Msg-Id (the sink's dedupe option is on by default)
+    ids_label = "with Nats-Msg-Id"
     produce_legs = {"pipelined": "batch published at once on one reply inbox, PubAcks "
                     "counted by a callback, max_in_flight batches outstanding"}
     consume_legs = {
@@ -282,13 +285,21 @@ class JetStream(_NatsBase):
 
     def source_block(self, place: Place, params: Params) -> dict[str, Any]:
         return {"type": "jetstream", "servers": [self.url], "stream": place["stream"],
-                "durable": place["durable"], "prefetch": params.prefetch}
+                "durable": place["durable"], "prefetch": params.prefetch,
+                "prefetch_bytes": params.prefetch_bytes}
 
     def sink_block(self, place: Place, params: Params) -> dict[str, Any]:
         return {"type": "jetstream", "servers": [self.url], "subject": place["subject"]}
 
     def describe(self) -> dict[str, str]:
         return {**super().describe(), "max_ack_pending": "20000 (plugin default)"}
+
+    @staticmethod
+    def window(params: Params) -> int:
+        """The pull window the source plugin keeps for this message size: ``prefetch``
+        messages at most, about ``prefetch_bytes`` of payload, two batches at least."""
+        by_bytes = params.prefetch_bytes // max(params.size, 1)
+        return max(min(params.prefetch, by_bytes), 2 * params.batch, 1)
 
     # ---- raw legs
 
@@ -341,7 +352,9 @@ class JetStream(_NatsBase):
         await self._consumer(nc, place, None)
         next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{place['stream']}.{place['durable']}"
         inbox = nc.new_inbox()
-        n, batch, prefetch = params.count, params.batch, max(params.prefetch, 2 * params.batch)
+        n, batch, prefetch = params.count, params.batch, self.window(params)
+        # each request capped by bytes, as the plugin does (never below one max payload)
+        max_bytes = max(params.prefetch_bytes, nc.max_payload + 4096)
         count = 0
         requested = 0
         replies: list[str] = []
@@ -351,7 +364,8 @@ class JetStream(_NatsBase):
         async def pull(k: int) -> None:
             nonlocal requested
             requested += k
-            await publish(next_subject, b'{"batch":%d,"expires":5000000000}' % k, reply=inbox)
+            await publish(next_subject, b'{"batch":%d,"expires":5000000000,"max_bytes":%d}'
+                          % (k, max_bytes), reply=inbox)
 
         async def on_msg(msg: Msg) -> None:
             nonlocal count, requested

@@ -108,6 +108,7 @@ class PostgresTable(_Postgres):
 
     name = "postgres"
     uses_ids = True  # the id column (unique) takes Message.id; the sink dedupes on it
+    ids_label = "with unique ids"
     produce_legs = {
         "copy": "copy_records_to_table, one 1,000-row transaction per batch, "
                 "max_in_flight connections",
