@@ -1,0 +1,174 @@
+"""The benchmark harness's pure parts: histogram, open-loop schedule, count scaling,
+metrics parsing (nothing timed here)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from bench.hdr import Histogram
+from bench.prom import parse
+from bench.schedule import MIN_SIZE, Schedule, read_stamp, stamp
+from bench.sizing import parse_sizes, scaled_count
+
+# ---------------------------------------------------------------- histogram
+
+
+@given(st.integers(min_value=0, max_value=10**13))
+def test_a_value_lies_within_its_bucket_whose_width_is_bounded(value: int) -> None:
+    h = Histogram(sub_bits=8)
+    low, high = h.bounds(h.index(value))
+    assert low <= value <= high
+    assert high - low <= max(0, value) / 128  # 1 / 2**(sub_bits-1) of the value
+
+
+@given(st.integers(min_value=0, max_value=10**12), st.integers(min_value=0, max_value=10**12))
+def test_buckets_are_ordered_like_their_values(a: int, b: int) -> None:
+    h = Histogram()
+    if a <= b:
+        assert h.index(a) <= h.index(b)
+    else:
+        assert h.index(a) >= h.index(b)
+
+
+def test_buckets_are_contiguous() -> None:
+    h = Histogram(sub_bits=4)
+    previous_high = -1
+    for i in range(200):
+        low, high = h.bounds(i)
+        assert low == previous_high + 1
+        assert h.index(low) == i and h.index(high) == i
+        previous_high = high
+
+
+def test_percentiles_of_one_to_ten_thousand() -> None:
+    h = Histogram()
+    for v in range(1, 10_001):
+        h.record(v * 1000)  # 1 µs .. 10 ms in ns
+    for p, exact in ((50, 5_000_000), (99, 9_900_000), (99.9, 9_990_000)):
+        got = h.percentile(p)
+        assert got is not None
+        assert exact <= got <= exact * (1 + 1 / 128)
+    assert h.percentile(100) == 10_000_000 == h.max
+    assert h.percentile(0) == 1000 == h.min
+    assert h.count == 10_000
+    assert h.mean == pytest.approx(5_000_500)
+
+
+def test_a_rare_outlier_shows_at_the_tail_only() -> None:
+    h = Histogram()
+    h.record(1_000_000, times=999)
+    h.record(500_000_000)
+    assert h.percentile(99) == pytest.approx(1_000_000, rel=1 / 128)
+    assert h.percentile(99.9) == pytest.approx(1_000_000, rel=1 / 128)
+    assert h.percentile(99.95) == 500_000_000
+
+
+def test_empty_histogram_has_no_percentiles_and_bad_input_is_refused() -> None:
+    h = Histogram()
+    assert h.percentile(50) is None and h.mean is None
+    with pytest.raises(ValueError):
+        h.percentile(101)
+    h.record(-5)  # a clock step backwards counts as zero, not an error
+    assert h.min == 0
+
+
+def test_merge_and_json_round_trip_keep_everything() -> None:
+    a, b = Histogram(), Histogram()
+    for v in range(100):
+        a.record(v * 7919)
+        b.record(v * 104729)
+    a.merge(b)
+    back = Histogram.from_json(a.to_json())
+    assert back.count == 200 and back.max == 99 * 104729 and back.min == 0
+    assert back.percentile(99) == a.percentile(99)
+    with pytest.raises(ValueError):
+        a.merge(Histogram(sub_bits=4))
+
+
+# ---------------------------------------------------------------- schedule
+
+
+def test_schedule_intended_times_are_evenly_spaced() -> None:
+    s = Schedule(start_ns=1_000_000_000, rate=1000.0, count=5000)
+    assert s.intended(0) == 1_000_000_000
+    assert s.intended(1) == 1_001_000_000
+    assert s.intended(4999) == s.end_ns == 1_000_000_000 + 4_999_000_000
+
+
+def test_schedule_due_counts_messages_whose_time_has_come() -> None:
+    s = Schedule(start_ns=0, rate=1000.0, count=10)
+    assert s.due(-1) == 0
+    assert s.due(0) == 1  # message 0 is due at the start
+    assert s.due(999_999) == 1
+    assert s.due(1_000_000) == 2
+    assert s.due(10**12) == 10  # never more than count
+
+
+@given(st.floats(min_value=0.5, max_value=2e6), st.integers(min_value=0, max_value=10**10))
+def test_schedule_due_agrees_with_intended(rate: float, now: int) -> None:
+    s = Schedule(start_ns=12345, rate=rate, count=10**9)
+    n = s.due(now)
+    if n > 0:
+        assert s.intended(n - 1) <= now
+    assert s.intended(n) > now
+
+
+def test_chunks_cover_a_backlog_in_order_and_bounded() -> None:
+    s = Schedule(start_ns=0, rate=1e6, count=10_000)
+    chunks = s.chunks(sent=100, now_ns=2_499_999, limit=1000)  # due: 2500
+    assert chunks == [(100, 1000), (1100, 1000), (2100, 400)]
+    assert s.chunks(sent=2500, now_ns=2_499_999, limit=1000) == []
+
+
+def test_schedule_refuses_a_rate_that_is_not_positive() -> None:
+    for rate in (0.0, -1.0, math.inf):
+        with pytest.raises(ValueError):
+            Schedule(0, rate, 1)
+
+
+def test_stamp_round_trip() -> None:
+    data = stamp(42, 1_700_000_000_123_456_789, b"x" * (128 - MIN_SIZE))
+    assert len(data) == 128
+    assert read_stamp(data) == (42, 1_700_000_000_123_456_789)
+    assert read_stamp(memoryview(data)) == (42, 1_700_000_000_123_456_789)
+
+
+# ---------------------------------------------------------------- sizing
+
+
+def test_scaled_count_keeps_small_messages_and_cuts_large_ones() -> None:
+    budget = 256 * 2**20
+    assert scaled_count(200_000, 128, budget) == 200_000
+    assert scaled_count(200_000, 1024, budget) == 200_000
+    assert scaled_count(200_000, 65536, budget) == 4096
+    assert scaled_count(200_000, 2**20, budget, minimum=2000) == 2000  # the floor
+    assert scaled_count(1000, 2**20, budget, minimum=2000) == 1000  # never above count
+
+
+def test_parse_sizes_accepts_suffixes_and_refuses_nonsense() -> None:
+    assert parse_sizes("128,1024,65536") == [128, 1024, 65536]
+    assert parse_sizes("128B, 1KiB, 64k, 1MiB") == [128, 1024, 65536, 2**20]
+    for bad in ("", "abc", "0", "12x"):
+        with pytest.raises(ValueError):
+            parse_sizes(bad)
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def test_parse_metrics_sums_label_sets_and_skips_comments() -> None:
+    text = """# HELP natsconn_in_flight_messages Messages read but not yet acknowledged
+# TYPE natsconn_in_flight_messages gauge
+natsconn_in_flight_messages{pipeline="a"} 1200.0
+natsconn_in_flight_messages{pipeline="b"} 300.0
+natsconn_dropped_total{pipeline="a",reason="slow consumer"} 3.0
+process_resident_memory_bytes 5.24288e+07
+"""
+    values = parse(text)
+    assert values["natsconn_in_flight_messages"] == 1500.0
+    assert values["natsconn_dropped_total"] == 3.0
+    assert values["process_resident_memory_bytes"] == 52428800.0
