@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 from collections.abc import Sequence
 from enum import StrEnum
 from typing import Any
@@ -149,6 +150,7 @@ class PostgresSink(Sink[PostgresSinkConfig]):
         q = quote_ident
         conflict = ""
         self._key_positions: list[int] | None = None
+        self._version_position: int | None = None
         self._id_column = self._column_of("id")
         if cfg.mode is Mode.upsert:
             if frozenset(cfg.key_columns) not in keys:
@@ -157,6 +159,8 @@ class PostgresSink(Sink[PostgresSinkConfig]):
                     f"({', '.join(cfg.key_columns)}); create one, e.g. CREATE UNIQUE INDEX ON "
                     f"{self._qtable} ({', '.join(q(k) for k in cfg.key_columns)})")
             self._key_positions = [self._names.index(k) for k in cfg.key_columns]
+            if cfg.version_column:
+                self._version_position = self._names.index(cfg.version_column)
             conflict = f" ON CONFLICT ({', '.join(q(k) for k in cfg.key_columns)}) "
             update = cfg.update_columns if cfg.update_columns is not None else [
                 c for c in self._names if c not in cfg.key_columns]
@@ -245,25 +249,39 @@ class PostgresSink(Sink[PostgresSinkConfig]):
 
     def _one_per_key(self, rows: list[tuple[Any, ...]], positions: list[int]
                      ) -> tuple[list[tuple[Any, ...]], list[int]]:
-        """One row per key: the last one for DO UPDATE (latest values win), the first
-        for DO NOTHING (as separate statements would do). The others count as
-        written: their key's surviving row carries the outcome."""
+        """One row per key, in key order.
+
+        Which row a key keeps: for DO UPDATE with a ``version_column``, the row with
+        the highest version (a redelivered old message can sit after a newer one in
+        the same batch: keeping the later one would drop the newer values, as the
+        statement's version guard then refuses the older); for DO UPDATE without
+        one, the last row (latest values as delivered); for DO NOTHING, the first
+        (as separate statements would do). The others count as written: their
+        key's surviving row carries the outcome.
+
+        Rows go out sorted by key, so that concurrent batches (``max_in_flight``
+        > 1) lock the rows they share in the same order and do not deadlock."""
         assert self._key_positions is not None
         kp = self._key_positions
         keep: dict[tuple[Any, ...], int] = {}
-        last_wins = self.config.on_conflict is OnConflict.update
+        update = self.config.on_conflict is OnConflict.update
+        vp = self._version_position
         for i, row in enumerate(rows):
             key = tuple(row[p] for p in kp)
             try:
                 hash(key)
             except TypeError:  # an array column in the key
                 key = (repr(key),)
-            if last_wins or key not in keep:
+            kept = keep.get(key)
+            if kept is None or (update and (vp is None or not _older(row[vp], rows[kept][vp]))):
                 keep[key] = i
-        if len(keep) == len(rows):
+        try:
+            order = sorted(keep.items(), key=_key_order)
+        except TypeError:  # values of one type that do not order: keep batch order
+            order = sorted(keep.items(), key=lambda item: item[1])
+        if len(order) == len(rows) and all(a[1] < b[1] for a, b in itertools.pairwise(order)):
             return rows, positions
-        chosen = sorted(keep.values())
-        return [rows[i] for i in chosen], [positions[i] for i in chosen]
+        return [rows[i] for _, i in order], [positions[i] for _, i in order]
 
     async def _write_all(self, conn: asyncpg.Connection, rows: list[tuple[Any, ...]]) -> None:
         cfg = self.config
@@ -319,6 +337,26 @@ class PostgresSink(Sink[PostgresSinkConfig]):
                 await asyncio.wait_for(pool.close(), 10)
             except Exception:
                 pool.terminate()
+
+
+def _older(version: Any, than: Any) -> bool:
+    """Whether the version guard would let a row at ``than`` stand against one at
+    ``version`` (NULL is older than any value, as the guard treats it)."""
+    if version is None:
+        return than is not None
+    if than is None:
+        return False
+    try:
+        return bool(version < than)
+    except TypeError:
+        return False
+
+
+def _key_order(item: tuple[tuple[Any, ...], int]) -> tuple[Any, ...]:
+    """Sort key for (key, row index) pairs: NULLs last, then by type name so that
+    mixed types (a text key that is sometimes a number) still sort."""
+    return tuple((v is None, type(v).__name__, v if v is not None else 0)
+                 for v in item[0])
 
 
 def _arrays(rows: list[tuple[Any, ...]], ncols: int) -> list[list[Any]]:
