@@ -57,6 +57,10 @@ class PushBuffer(Generic[T]):
             self._room.set()
         return out
 
+    def peek_all(self) -> list[T]:
+        """Every buffered item, left in place."""
+        return list(self._items)
+
     def take_all(self) -> list[T]:
         out = list(self._items)
         self._items.clear()

@@ -24,6 +24,7 @@ from pydantic import Field, model_validator
 
 from connector import Batch, ByteSize, ConnectorError, Duration, Message, PushBuffer, Source
 
+from .buffer_age import BufferAge
 from .connection import Client, NatsConnectionConfig, open_connection
 
 _STATUS = "Status"
@@ -128,9 +129,11 @@ class JetStreamSource(Source[JetStreamSourceConfig]):
         self._next_subject = f"{prefix}.CONSUMER.MSG.NEXT.{cfg.stream}.{self._durable}"
         self._inbox = self._nc.new_inbox()
         self._buffer: PushBuffer[_Raw] = PushBuffer()
+        self._age = BufferAge()
         self._sub: Subscription = await self._nc.subscribe_direct(self._inbox, self._on_message)
         await self._refill(1)
         await self._nc.flush()
+        self._keeper = asyncio.create_task(self._keep_buffer_alive())
 
     async def _ensure_stream(self, js: object) -> None:
         cfg = self.config
@@ -181,6 +184,7 @@ class JetStreamSource(Source[JetStreamSourceConfig]):
         self._requested -= 1
         self._avg_size += (len(data) - self._avg_size) * 0.01
         self._buffer.push((subject, reply, data, headers))
+        self._age.pushed += 1
         if self._closing and self._requested <= 0:
             self._requests_done.set()
 
@@ -233,6 +237,7 @@ class JetStreamSource(Source[JetStreamSourceConfig]):
         msgs = await self._buffer.take(max_messages, max_wait)
         if not msgs:
             return None
+        self._age.taken += len(msgs)
         await self._refill(max_messages)
         messages = []
         replies = []
@@ -248,7 +253,34 @@ class JetStreamSource(Source[JetStreamSourceConfig]):
         self.context.meters.lag(_metadata(replies[-1])[3])
         return Batch(messages, JetStreamAck(self._nc, replies))
 
+    async def _keep_buffer_alive(self) -> None:
+        """Tell the server the prefetched messages are still in hand (``+WPI``)
+        once the oldest has waited a third of ``ack_wait``, so that a stalled sink
+        does not turn the whole prefetch window into redeliveries (see buffer_age)."""
+        ack_wait = self.config.ack_wait
+        tick = max(ack_wait / 6, 0.05)
+        while True:
+            await asyncio.sleep(tick)
+            now = time.monotonic()
+            self._age.mark(now)
+            if self._age.oldest_wait(now) < ack_wait / 3:
+                continue
+            replies = [raw[1] for raw in self._buffer.peek_all()]
+            try:
+                await self._nc.publish_replies(replies, b"+WPI")
+            except Exception as exc:  # closed or reconnecting: the next tick tries again
+                self.context.logger.debug("in-progress for buffered messages: %s", exc)
+                continue
+            self._age.refreshed(now)
+            self.context.logger.debug("%d buffered message(s) kept from redelivery",
+                                      len(replies))
+
     async def close(self) -> None:
+        keeper = getattr(self, "_keeper", None)
+        if keeper is not None:
+            keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keeper
         nc = getattr(self, "_nc", None)
         if nc is None:
             return

@@ -150,3 +150,22 @@ def test_backoff_honours_retry_after() -> None:
 def test_jitter_spreads_waits() -> None:
     waits = {round(Backoff(1.0, 10.0).next(), 6) for _ in range(20)}
     assert len(waits) > 1
+
+
+def test_buffer_age_bounds_the_oldest_unread_message() -> None:
+    from natsconn_nats.buffer_age import BufferAge
+
+    age = BufferAge()
+    assert age.oldest_wait(0.0) == 0.0
+    age.pushed = 5  # five arrive before the first mark
+    age.mark(1.0)
+    assert age.oldest_wait(1.0) == 0.0
+    age.pushed = 8
+    age.mark(2.0)
+    assert age.oldest_wait(4.0) == 3.0  # the first five came before t=1
+    age.taken = 5  # those five read: the oldest now came before t=2
+    assert age.oldest_wait(4.0) == 2.0
+    age.refreshed(4.0)
+    assert age.oldest_wait(5.5) == 1.5
+    age.taken = 8  # all read
+    assert age.oldest_wait(9.0) == 0.0
