@@ -12,11 +12,20 @@ from pathlib import Path
 
 from .registry import BROKEN, ENDPOINTS, PAIRS, Pair, load_all, parse_pair
 from .runner import REPO, BenchError, Harness, Options
+from .sizing import BYTE_BUDGET, DEFAULT_SIZES, QUICK_BYTE_BUDGET, parse_sizes
+
+DEFAULT_LATENCY_PAIRS = ("nats:jetstream", "jetstream:nats", "jetstream:kafka",
+                         "kafka:jetstream", "nats:redis_stream", "redis_stream:nats",
+                         "jetstream:jetstream", "nats:kafka")
+DEFAULT_STALL_PAIRS = ("jetstream:nats", "jetstream:jetstream", "kafka:jetstream",
+                       "redis_stream:nats")
 
 EPILOG = """examples:
   python -m bench run                      # default pairs, 128 B and 1 KiB, full counts
   python -m bench run --quick              # small counts, one run: a smoke test
-  python -m bench run --pairs jetstream:nats,generate:drop --sizes 128
+  python -m bench run --pairs jetstream:nats,generate:drop --sizes 128,1024,65536
+  python -m bench latency --quick          # p50/p99/p99.9 at 10/50/80% of the max rate
+  python -m bench stall --quick            # RSS and in-flight while the sink is stalled
   python -m bench list                     # pairs and raw legs known to the harness
 
 Results: bench/results/<timestamp>.json and bench/results/latest.md.
@@ -35,10 +44,13 @@ def _parser() -> argparse.ArgumentParser:
                      help="small counts, one run, no warm-up (smoke test; figures are rough)")
     run.add_argument("--pairs", help="comma-separated SOURCE:SINK list (default: every "
                      "default pair; see `list`)")
-    run.add_argument("--sizes", default="128,1024", help="message sizes in bytes "
-                     "(default 128,1024)")
-    run.add_argument("--count", type=int, help="messages per run for every pair (default: "
-                     "each pair's own, e.g. 200000; 2000000 for generate->drop)")
+    run.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)),
+                     help="message sizes in bytes, e.g. 128,1024,65536 (64k and 1KiB work "
+                     "too; default 128,1024)")
+    run.add_argument("--count", type=int, help="messages per run for every pair and size "
+                     "(default: each pair's own, e.g. 200000, 2000000 for generate->drop, "
+                     f"cut to {BYTE_BUDGET // 2**20} MiB of payload per run for large "
+                     f"messages: 4096 x 64 KiB; --quick: {QUICK_BYTE_BUDGET // 2**20} MiB)")
     run.add_argument("--runs", type=int, default=3, help="timed runs per measurement "
                      "(default 3; the median and range are reported)")
     run.add_argument("--no-warmup", action="store_true", help="skip the warm-up run")
@@ -63,6 +75,44 @@ def _parser() -> argparse.ArgumentParser:
                      help="do not start the services (scripts/services start ...)")
     run.add_argument("--out", default=str(REPO / "bench" / "results"),
                      help="directory for the JSON and latest.md")
+    lat = sub.add_parser(
+        "latency", help="end-to-end latency under open-loop load at 10/50/80%% of the max",
+        epilog="examples:\n  python -m bench latency --quick\n"
+        "  python -m bench latency --pairs jetstream:kafka --sizes 1024 --seconds 20\n"
+        "  python -m bench latency --pairs nats:jetstream --max-rate 50000\n\n"
+        "Results: bench/results/latency-<timestamp>.json and latency-latest.md.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    lat.add_argument("--pairs", help="comma-separated SOURCE:SINK list (default: "
+                     + ",".join(DEFAULT_LATENCY_PAIRS) + ")")
+    lat.add_argument("--sizes", default="128", help="message sizes (default 128)")
+    lat.add_argument("--levels", default="10,50,80", help="load levels in %% of the max rate "
+                     "(default 10,50,80; the target is judged at 50)")
+    lat.add_argument("--seconds", type=float, default=10.0, help="measured seconds per level "
+                     "(default 10; --quick 3)")
+    lat.add_argument("--warmup", type=float, default=2.0, help="seconds of messages left out "
+                     "of each level's histogram (default 2; --quick 1)")
+    lat.add_argument("--max-rate", type=float, help="the pipeline's max msg/s, instead of "
+                     "measuring it with a throughput run first (applies to every pair)")
+    lat.add_argument("--round-trips", type=int, default=200, help="sink round trips timed "
+                     "with the raw client (default 200)")
+    lat.add_argument("--quick", action="store_true", help="short levels and a small "
+                     "throughput run: a smoke test")
+    _common(lat)
+    stall = sub.add_parser(
+        "stall", help="memory and back-pressure while the sink's connection is stalled",
+        epilog="examples:\n  python -m bench stall --quick\n"
+        "  python -m bench stall --pairs jetstream:nats,kafka:jetstream --seconds 30\n\n"
+        "Results: bench/results/stall-<timestamp>.json and stall-latest.md.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    stall.add_argument("--pairs", help="comma-separated SOURCE:SINK list (default: "
+                       + ",".join(DEFAULT_STALL_PAIRS) + ")")
+    stall.add_argument("--size", type=int, default=1024, help="message size (default 1024)")
+    stall.add_argument("--seconds", type=float, default=30.0, help="how long the sink stays "
+                       "stalled (default 30; --quick 5)")
+    stall.add_argument("--count", type=int, help="messages preloaded at the source (default: "
+                       "enough for the run to outlast the stall)")
+    stall.add_argument("--quick", action="store_true", help="a 5 s stall, fewer messages")
+    _common(stall)
     sub.add_parser("list", help="list pairs and raw legs")
     rep = sub.add_parser("report", help="print the Markdown table of a results JSON")
     rep.add_argument("file", help="bench/results/<timestamp>.json")
@@ -80,6 +130,20 @@ def _parser() -> argparse.ArgumentParser:
     prof.add_argument("--out", help="keep the collapsed stacks here (default "
                       "bench/results/profile-<pair>-<size>.txt)")
     return top
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch", type=int, default=1000, help="batch size (default 1000)")
+    parser.add_argument("--max-in-flight", type=int, default=4,
+                        help="concurrent batches (default 4)")
+    parser.add_argument("--storage", choices=["file", "memory"], default="file",
+                        help="JetStream stream storage (default file)")
+    parser.add_argument("--noise", type=float, default=0.35, help="wait for other processes "
+                        "to use less than this many cores before each level (default 0.35)")
+    parser.add_argument("--no-start", action="store_true",
+                        help="do not start the services (scripts/services start ...)")
+    parser.add_argument("--out", default=str(REPO / "bench" / "results"),
+                        help="directory for the results")
 
 
 def _service_env() -> dict[str, str]:
@@ -154,7 +218,10 @@ def _run(args: argparse.Namespace) -> int:
     from . import report
 
     pairs = _select(args.pairs)
-    sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+    try:
+        sizes = parse_sizes(args.sizes)
+    except ValueError as exc:
+        raise BenchError(str(exc)) from None
     if not args.no_start:
         _start_services(pairs)
     opts = Options(
@@ -181,6 +248,66 @@ def _run(args: argparse.Namespace) -> int:
     print(report.markdown(results, cond))
     print(f"wrote {json_path} and {md_path}", file=sys.stderr)
     return 0
+
+
+def _options(args: argparse.Namespace, pairs: list[Pair], sizes: list[int]) -> Options:
+    if not args.no_start:
+        _start_services(pairs)
+    return Options(pairs=pairs, sizes=sizes, runs=1, warmup=False, quick=args.quick,
+                   batch=args.batch, max_in_flight=args.max_in_flight, storage=args.storage,
+                   loop=_loop(None), noise=args.noise, env=_service_env())
+
+
+def _latency(args: argparse.Namespace) -> int:
+    from . import latency_report, report
+    from .latency import LatencyOptions, LatencyRunner, select
+
+    try:
+        sizes = parse_sizes(args.sizes)
+        levels = tuple(float(x) / 100 for x in args.levels.split(",") if x.strip())
+    except ValueError as exc:
+        raise BenchError(str(exc)) from None
+    opts = _options(args, select(args.pairs, DEFAULT_LATENCY_PAIRS), sizes)
+    lat = LatencyOptions(levels=levels, seconds=3.0 if args.quick else args.seconds,
+                         warmup=1.0 if args.quick else args.warmup, max_rate=args.max_rate,
+                         round_trips=50 if args.quick else args.round_trips)
+    started = time.time()
+
+    async def go() -> tuple[list, dict]:  # type: ignore[type-arg]
+        async with Harness(opts) as harness:
+            return await LatencyRunner(harness, lat).run(), harness.describe()
+
+    results, described = asyncio.run(go())
+    cond = report.conditions(opts, described, started, kind="latency")
+    cond.update(load_levels=", ".join(f"{x:.0%}" for x in levels),
+                seconds_per_level=f"{lat.seconds:g} s measured after {lat.warmup:g} s left out",
+                round_trips=lat.round_trips)
+    json_path, md_path = latency_report.write(results, cond, Path(args.out))
+    print(latency_report.markdown(results, cond))
+    print(f"wrote {json_path} and {md_path}", file=sys.stderr)
+    return 0 if all(r.error is None for r in results) else 1
+
+
+def _stall(args: argparse.Namespace) -> int:
+    from . import report, stall_report
+    from .latency import select
+    from .stall import StallOptions, StallRunner
+
+    opts = _options(args, select(args.pairs, DEFAULT_STALL_PAIRS), [args.size])
+    st = StallOptions(seconds=5.0 if args.quick else args.seconds, count=args.count)
+    started = time.time()
+
+    async def go() -> tuple[list, dict]:  # type: ignore[type-arg]
+        async with Harness(opts) as harness:
+            return await StallRunner(harness, st).run(), harness.describe()
+
+    results, described = asyncio.run(go())
+    cond = report.conditions(opts, described, started, kind="stall")
+    cond.update(stall_seconds=st.seconds, sample_interval=f"{st.interval:g} s")
+    json_path, md_path = stall_report.write(results, cond, Path(args.out))
+    print(stall_report.markdown(results, cond))
+    print(f"wrote {json_path} and {md_path}", file=sys.stderr)
+    return 0 if all(r.ok for r in results) else 1
 
 
 def _profile(args: argparse.Namespace) -> int:
@@ -223,6 +350,10 @@ def main(argv: list[str] | None = None) -> int:
             return _list()
         if args.command == "profile":
             return _profile(args)
+        if args.command == "latency":
+            return _latency(args)
+        if args.command == "stall":
+            return _stall(args)
         if args.command == "report":
             from . import report
 

@@ -22,6 +22,7 @@ import time
 from abc import ABC
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar
+from urllib.parse import urlsplit, urlunsplit
 
 from .model import Params, Place, Sample
 
@@ -56,6 +57,12 @@ class Endpoint(ABC):
     # command names (/proc/<pid>/comm) of the server processes this endpoint talks to:
     # their CPU is part of the measured work, not foreign load; None: by `system`
     server_processes: ClassVar[tuple[str, ...] | None] = None
+
+    # the env variable holding the server's URL (a sink can then be put behind a
+    # TcpProxy: `python -m bench stall`); None: not proxyable (Kafka's clients go to
+    # the advertised broker addresses after bootstrap, around a proxy)
+    address_env: ClassVar[str | None] = None
+    default_url: ClassVar[str] = ""
 
     @classmethod
     def servers(cls) -> tuple[str, ...]:
@@ -94,6 +101,30 @@ class Endpoint(ABC):
     def describe(self) -> dict[str, str]:
         """Conditions worth recording (server version, storage…)."""
         return {}
+
+    async def backlog(self, place: Place) -> dict[str, int]:
+        """Source role: what waits at the source and what is delivered but not
+        acknowledged, where the system tells (polled every 0.5 s by `bench stall`)."""
+        return {}
+
+    def server_address(self) -> tuple[str, int] | None:
+        """``(host, port)`` of the server this endpoint's plugin connects to."""
+        if self.address_env is None:
+            return None
+        url = urlsplit(self.env.get(self.address_env, self.default_url))
+        if url.hostname is None or url.port is None:
+            return None
+        return url.hostname, url.port
+
+    def via(self, host: str, port: int) -> Endpoint:
+        """The same endpoint with its plugin pointed at ``host:port`` (a proxy)."""
+        if self.address_env is None:
+            raise NotImplementedError(f"{self.name} cannot be put behind a proxy")
+        url = urlsplit(self.env.get(self.address_env, self.default_url))
+        auth = url.netloc.rpartition("@")[0]
+        netloc = (auth + "@" if auth else "") + f"{host}:{port}"
+        env = {**self.env, self.address_env: urlunsplit(url._replace(netloc=netloc))}
+        return type(self)(env)
 
     # ---- worker side (inside the leg's own process) -------------------------
 

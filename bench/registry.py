@@ -56,15 +56,17 @@ def pair(p: Pair) -> Pair:
 
 
 def load_all() -> None:
-    """Import every module of bench.legs once."""
-    from . import legs
+    """Import every module of bench.legs (endpoints, raw legs, pairs) and of
+    bench.probes (timed senders and receivers) once."""
+    from . import legs, probes
 
-    for info in pkgutil.iter_modules(legs.__path__):
-        module = f"{legs.__name__}.{info.name}"
-        try:
-            importlib.import_module(module)
-        except ImportError as exc:
-            BROKEN[module] = f"{type(exc).__name__}: {exc}"
+    for package in (legs, probes):
+        for info in pkgutil.iter_modules(package.__path__):
+            module = f"{package.__name__}.{info.name}"
+            try:
+                importlib.import_module(module)
+            except ImportError as exc:
+                BROKEN[module] = f"{type(exc).__name__}: {exc}"
 
 
 def parse_pair(text: str) -> str:

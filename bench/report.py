@@ -40,7 +40,8 @@ def _git() -> str:
         return "?"
 
 
-def conditions(opts: Options, described: dict[str, str], started: float) -> dict[str, Any]:
+def conditions(opts: Options, described: dict[str, str], started: float,
+               kind: str = "throughput") -> dict[str, Any]:
     loop = opts.loop
     if loop == "uvloop":
         loop = f"uvloop {importlib.metadata.version('uvloop')}"
@@ -58,8 +59,9 @@ def conditions(opts: Options, described: dict[str, str], started: float) -> dict
         "jetstream_prefetch": f"{opts.prefetch} messages within "
                               f"{opts.prefetch_bytes / 2**20:g} MiB",
         "jetstream_storage": opts.storage,
-        "runs": opts.runs,
-        "warmup": "one run at a quarter of the count" if opts.warmup else "none",
+        **({"runs": opts.runs,
+            "warmup": "one run at a quarter of the count" if opts.warmup else "none"}
+           if kind == "throughput" else {"measurement": kind}),
         "noise_threshold_cores": opts.noise,
         **described,
     }

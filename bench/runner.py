@@ -36,6 +36,7 @@ from .model import Params, Place, Sample, Stats
 from .procs import Child, CpuMeter, ServerCpu
 from .profile import Recorder
 from .registry import ENDPOINTS, Pair
+from .sizing import BYTE_BUDGET, MIN_COUNT, QUICK_BYTE_BUDGET, QUICK_MIN_COUNT, scaled_count
 
 REPO = Path(__file__).resolve().parent.parent
 POLL = 0.01  # far-side poll interval, seconds
@@ -212,7 +213,12 @@ class Harness:
 
     def params(self, pair: Pair, size: int) -> Params:
         o = self.opts
-        count = o.count or (pair.quick_count if o.quick else pair.count)
+        if o.count:
+            count = o.count
+        elif o.quick:
+            count = scaled_count(pair.quick_count, size, QUICK_BYTE_BUDGET, QUICK_MIN_COUNT)
+        else:
+            count = scaled_count(pair.count, size, BYTE_BUDGET, MIN_COUNT)
         src = ENDPOINTS[pair.source]
         return Params(size=size, count=count, batch=o.batch, max_in_flight=o.max_in_flight,
                       prefetch=o.prefetch, prefetch_bytes=o.prefetch_bytes,
@@ -326,17 +332,20 @@ class Harness:
                       ) -> tuple[Sample, float, tuple[Sample, float] | None]:
         """Run a worker; returns its sample, its whole-life CPU and, when a live
         feed was started on READY, the feeder's sample and CPU."""
-        spec = {"env": self.opts.env, "loop": self.opts.loop, **spec}
-        return await self._run_worker(spec, on_ready, profile)
+        out, cpu, fed = await self.run_worker(spec, on_ready, profile)
+        return Sample.from_json(out), cpu, fed
 
-    async def _run_worker(self, spec: dict[str, Any], on_ready: Callable[[], Feed] | None,
-                          profile: Path | None,
-                          ) -> tuple[Sample, float, tuple[Sample, float] | None]:
+    async def run_worker(self, spec: dict[str, Any],
+                         on_ready: Callable[[], Coroutine[Any, Any, Any]] | None = None,
+                         profile: Path | None = None) -> tuple[dict[str, Any], float, Any]:
+        """A worker's RESULT as JSON, its whole-life CPU, and what ``on_ready`` (started
+        when the worker says READY: a feed, a sender) returned."""
+        spec = {"env": self.opts.env, "loop": self.opts.loop, **spec}
         child = Child(self._worker_argv(spec), env=self._child_env(), cwd=str(REPO))
         recorder = (Recorder(child.pid, profile, self.profile_rate) if profile is not None
                     else None)
-        result: Sample | None = None
-        feed: asyncio.Task[tuple[Sample, float]] | None = None
+        result: dict[str, Any] | None = None
+        feed: asyncio.Task[Any] | None = None
         failure: BaseException | None = None
         try:
             while True:
@@ -346,7 +355,7 @@ class Harness:
                 if line == "READY" and on_ready is not None:
                     feed = asyncio.create_task(on_ready())
                 elif line.startswith("RESULT "):
-                    result = Sample.from_json(json.loads(line[7:]))
+                    result = json.loads(line[7:])
         except Exception as exc:  # a timeout, a bad line: report it with the stderr
             failure = exc
         finally:
@@ -380,6 +389,12 @@ class Harness:
                 "place": place, "params": params.to_json()}
         sample, cpu, _ = await self._worker(spec)
         return sample, cpu
+
+    async def feed(self, ep: Endpoint, place: Place, params: Params) -> Sample:
+        """Fill a durable source's place with ``params.count`` messages (its feed
+        technique, in a worker)."""
+        sample, _ = await self._produce(ep, place, params)
+        return sample
 
     async def raw_once(self, ep: Endpoint, kind: str, technique: str,
                        params: Params) -> Sample:
@@ -449,16 +464,10 @@ class Harness:
             feed_params = replace(params, ids=False)
             if src.durable:
                 await self._produce(src, src_place, feed_params)
-            port = free_port()
-            config = self.pipeline_config(pair, src.source_block(src_place, params),
-                                          dst.sink_block(dst_place, params), params,
-                                          http=f"127.0.0.1:{port}")
-            path = self._tmp / f"{tag}.yaml"
-            path.write_text(json.dumps(config, indent=1))
             self.meter.start()
-            child = Child([sys.executable, "-m", "connector.cli", "run", str(path)],
-                          env=self._child_env(), cwd=str(REPO))
-            await self._wait_ready(child, port)
+            child, _port = await self.start_natsconn(
+                pair, src.source_block(src_place, params), dst.sink_block(dst_place, params),
+                params, tag)
             recorder = (Recorder(child.pid, self.profile_to, self.profile_rate)
                         if self.profile_to else None)
             feed: asyncio.Task[tuple[Sample, float]] | None = None
@@ -486,7 +495,6 @@ class Harness:
                 last = child.stderr_tail(300).strip().splitlines()[-1:]
                 sample.notes.append(f"natsconn exit {child.returncode}"
                                     + (f": {last[0]}" if last else ""))
-            path.unlink(missing_ok=True)
             return sample
         finally:
             if child is not None and child.alive():
@@ -494,6 +502,26 @@ class Harness:
                 await child.reap()
             await src.destroy(src_place)
             await dst.destroy(dst_place)
+
+    async def start_natsconn(self, pair: Pair, source: dict[str, Any], sink: dict[str, Any],
+                             params: Params, tag: str) -> tuple[Child, int]:
+        """``natsconn run`` on a pipeline file for these plugin blocks, once /readyz
+        answers; returns the process and its HTTP port (/metrics)."""
+        port = free_port()
+        config = self.pipeline_config(pair, source, sink, params, http=f"127.0.0.1:{port}")
+        path = self._tmp / f"{tag}.yaml"
+        path.write_text(json.dumps(config, indent=1))
+        child = Child([sys.executable, "-m", "connector.cli", "run", str(path)],
+                      env=self._child_env(), cwd=str(REPO))
+        try:
+            await self._wait_ready(child, port)
+        except BaseException:
+            child.kill()
+            await child.reap()
+            raise
+        finally:
+            path.unlink(missing_ok=True)  # read at start-up
+        return child, port
 
     async def _wait_ready(self, child: Child, port: int, timeout: float = 60.0) -> None:
         url = f"http://127.0.0.1:{port}/readyz"

@@ -1,7 +1,9 @@
-"""A worker process: runs one raw leg, or the engine alone, and reports as JSON.
+"""A worker process: runs one raw leg, the engine alone, or timed traffic (an
+open-loop sender, a latency receiver, round trips), and reports as JSON.
 
-Protocol on stdout: ``READY`` once a consume leg is subscribed (the harness
-then starts the live feed), and one final ``RESULT <json Sample>`` line.
+Protocol on stdout: ``READY`` once a consume leg or a receiver is subscribed
+(the harness then starts the feed or the sender), and one final ``RESULT
+<json>`` line (a Sample for legs and the engine, a dict for timed traffic).
 Started as ``python -m bench.worker '<json spec>'`` by bench/runner.py.
 """
 
@@ -11,11 +13,14 @@ import asyncio
 import json
 import sys
 import tempfile
+import time
 from typing import Any
 
+from . import timed
 from .endpoint import Stopwatch
 from .model import Params, Sample
 from .registry import ENDPOINTS, load_all
+from .schedule import Schedule
 
 
 def use_loop(name: str) -> None:
@@ -57,14 +62,36 @@ async def run_engine(config: dict[str, Any]) -> Sample:
     return sample
 
 
+async def run_timed(spec: dict[str, Any]) -> dict[str, Any]:
+    """``send``: the open-loop schedule into a source's place; ``receive``: a raw
+    consumer of a sink's place recording latencies; ``round_trip``: one write and
+    its acknowledgement, ``n`` times (ns each)."""
+    load_all()
+    mode, name, env = spec["mode"], spec["endpoint"], spec["env"]
+    place, params = spec["place"], Params.from_json(spec["params"])
+    if mode == "send":
+        schedule = Schedule(time.time_ns() + int(spec.get("delay", 0.2) * 1e9),
+                            spec["rate"], spec["count"])
+        return await timed.SENDERS[name](env, place, params, schedule)
+    if mode == "receive":
+        arrivals = timed.Arrivals(spec["count"], spec.get("skip", 0), spec.get("idle", 5.0))
+        await timed.RECEIVERS[name](env, place, params, arrivals, _ready)
+        return arrivals.result()
+    samples = await timed.ROUND_TRIPS[name](env, place, params, spec["n"])
+    return {"round_trips_ns": samples}
+
+
 def main(argv: list[str]) -> int:
     spec = json.loads(argv[1])
     use_loop(spec.get("loop", "asyncio"))
+    out: dict[str, Any]
     if spec["mode"] == "engine":
-        sample = asyncio.run(run_engine(spec["config"]))
+        out = asyncio.run(run_engine(spec["config"])).to_json()
+    elif spec["mode"] in ("send", "receive", "round_trip"):
+        out = asyncio.run(run_timed(spec))
     else:
-        sample = asyncio.run(run_leg(spec))
-    print("RESULT " + json.dumps(sample.to_json()), flush=True)
+        out = asyncio.run(run_leg(spec)).to_json()
+    print("RESULT " + json.dumps(out), flush=True)
     return 0
 
 

@@ -148,6 +148,17 @@ class Kafka(Endpoint):
         ends = await counter.end_offsets(tps)
         return int(sum(ends.values()))
 
+    async def backlog(self, place: Place) -> dict[str, int]:
+        """The group's lag: end offsets minus committed offsets, over the partitions."""
+        try:
+            committed = await self.admin.list_consumer_group_offsets(place["group"])
+        except KafkaError:
+            return {}
+        ends = await self.delivered(place)
+        done = sum(max(0, o.offset) for tp, o in committed.items()
+                   if tp.topic == place["topic"])
+        return {"lag": max(0, ends - done), "committed": done}
+
     def source_block(self, place: Place, params: Params) -> dict[str, Any]:
         return {"type": "kafka", "bootstrap_servers": [self.bootstrap],
                 "topics": [place["topic"]], "group_id": place["group"]}

@@ -70,6 +70,8 @@ def _status(msg: Msg) -> str | None:
 
 class _NatsBase(Endpoint):
     system = "nats"
+    address_env = "NATS_URL"
+    default_url = DEFAULT_URL
 
     def __init__(self, env: dict[str, str]) -> None:
         super().__init__(env)
@@ -282,6 +284,15 @@ class JetStream(_NatsBase):
     async def delivered(self, place: Place) -> int:
         info = await self.nc.jetstream().stream_info(place["stream"])
         return int(info.state.messages)
+
+    async def backlog(self, place: Place) -> dict[str, int]:
+        try:
+            info = await self.nc.jetstream().consumer_info(place["stream"], place["durable"])
+        except Exception:  # not created yet (natsconn creates it at start)
+            return {}
+        return {"num_pending": int(info.num_pending or 0),
+                "num_ack_pending": int(info.num_ack_pending or 0),
+                "num_redelivered": int(info.num_redelivered or 0)}
 
     def source_block(self, place: Place, params: Params) -> dict[str, Any]:
         return {"type": "jetstream", "servers": [self.url], "stream": place["stream"],

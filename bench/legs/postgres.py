@@ -73,6 +73,8 @@ async def _on_connections(dsn: str, n: int,
 
 class _Postgres(Endpoint):
     system = "postgres"
+    address_env = "POSTGRES_DSN"
+    default_url = DEFAULT_DSN
 
     def __init__(self, env: dict[str, str]) -> None:
         super().__init__(env)

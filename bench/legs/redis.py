@@ -71,6 +71,8 @@ class RedisStream(Endpoint):
 
     name = "redis_stream"
     system = "redis"
+    address_env = "REDIS_URL"
+    default_url = DEFAULT_URL
     durable = True
     gives_ids = True  # <stream>:<entry id>
     uses_ids = False  # the sink writes ids only with id_field
@@ -114,6 +116,17 @@ class RedisStream(Endpoint):
 
     async def delivered(self, place: Place) -> int:
         return int(await self.r.xlen(place["stream"]))
+
+    async def backlog(self, place: Place) -> dict[str, int]:
+        try:
+            groups = await self.r.xinfo_groups(place["stream"])
+        except Exception:  # no stream or group yet
+            return {}
+        for g in groups:
+            name = g.get("name")
+            if name in (place["group"], place["group"].encode()):
+                return {"lag": int(g.get("lag") or 0), "pending": int(g.get("pending") or 0)}
+        return {}
 
     def source_block(self, place: Place, params: Params) -> dict[str, Any]:
         return {"type": "redis_stream", "url": self.url, "streams": [place["stream"]],

@@ -1,0 +1,71 @@
+"""The latency results as JSON (everything, histograms included) and Markdown."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from .latency import PairLatency
+
+
+def _ms(ns: int | None) -> str:
+    if ns is None:
+        return "-"
+    ms = ns / 1e6
+    return f"{ms:.1f}" if ms >= 10 else f"{ms:.2f}"
+
+
+def _rate(v: float) -> str:
+    return f"{v / 1e3:.1f}k" if v >= 1000 else f"{v:.0f}"
+
+
+def markdown(results: list[PairLatency], cond: dict[str, Any]) -> str:
+    out = ["# natsconn end-to-end latency", "",
+           "| pipeline | size | max msg/s | linger | sink RTT (median) | target p99 at 50% | "
+           "load | offered msg/s | delivered msg/s | p50 ms | p99 ms | p99.9 ms | max ms | "
+           "holds | notes |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        head = (f"| {r.pair} | {r.size} B | {_rate(r.max_rate)} ({r.max_from}) | "
+                f"{r.linger_ms:.0f} ms | "
+                + (f"{r.round_trip_ms:.2f} ms" if r.round_trip_ms is not None else "-")
+                + " | " + (f"{r.target_ms:.1f} ms" if r.target_ms is not None else "-"))
+        if r.error or not r.levels:
+            out.append(f"{head} | - | - | - | - | - | - | - | - | {r.error or 'no levels'} |")
+            continue
+        for lv in r.levels:
+            h = lv.histogram
+            holds = "-"
+            if abs(lv.fraction - 0.5) < 1e-9 and r.holds is not None:
+                holds = "yes" if r.holds else "**no**"
+            out.append(f"{head} | {lv.fraction:.0%} | {_rate(lv.rate)} | "
+                       f"{_rate(lv.delivered_rate)} | {_ms(h.percentile(50))} | "
+                       f"{_ms(h.percentile(99))} | {_ms(h.percentile(99.9))} | {_ms(h.max)} | "
+                       f"{holds} | {'; '.join(lv.notes)} |")
+    out += ["", "Latency: arrival at a raw consumer of the sink's place minus the message's "
+            "*intended* send time (open loop: the sender's schedule, so a sender that falls "
+            "behind adds its delay), from a log-bucket histogram (values within 0.8 %); the "
+            "first seconds of each level are left out. Target (issue #8): p99 at 50 % load <= "
+            "linger + 2 x sink round trip + 5 ms.", "", "## Conditions", ""]
+    out += [f"- {k}: {v}" for k, v in cond.items()]
+    out.append("")
+    return "\n".join(out)
+
+
+def write(results: list[PairLatency], cond: dict[str, Any],
+          out_dir: Path) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    json_path = out_dir / f"latency-{stamp}.json"
+    json_path.write_text(json.dumps(
+        {"conditions": cond, "results": [r.to_json() for r in results]}, indent=1))
+    md_path = out_dir / "latency-latest.md"
+    md_path.write_text(markdown(results, cond))
+    return json_path, md_path
+
+
+def load(path: Path) -> tuple[list[PairLatency], dict[str, Any]]:
+    data = json.loads(path.read_text())
+    return [PairLatency.from_json(r) for r in data["results"]], data["conditions"]

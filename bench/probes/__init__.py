@@ -1,0 +1,1 @@
+"""Timed senders, receivers and round trips per system (see bench/timed.py)."""
