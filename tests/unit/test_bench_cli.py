@@ -33,3 +33,22 @@ def test_unknown_pair_is_a_clear_error() -> None:
     result = _bench("run", "--pairs", "jetstream:nowhere", "--no-start")
     assert result.returncode == 1
     assert "unknown pair 'jetstream->nowhere'" in result.stderr
+
+
+def test_latency_and_stall_commands_answer_help() -> None:
+    for command, option in (("latency", "--max-rate"), ("stall", "--seconds")):
+        result = _bench(command, "--help")
+        assert result.returncode == 0, result.stderr
+        assert option in result.stdout and "--quick" in result.stdout
+
+
+def test_latency_with_an_unknown_pair_is_a_clear_error() -> None:
+    result = _bench("latency", "--pairs", "jetstream:nowhere", "--no-start")
+    assert result.returncode == 1
+    assert "unknown pair(s) jetstream->nowhere" in result.stderr
+
+
+def test_bad_sizes_are_a_clear_error() -> None:
+    result = _bench("run", "--sizes", "128,big", "--no-start", "--pairs", "generate:drop")
+    assert result.returncode == 1
+    assert "not a message size: 'big'" in result.stderr

@@ -4,6 +4,7 @@ metrics parsing (nothing timed here)."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -172,3 +173,73 @@ process_resident_memory_bytes 5.24288e+07
     assert values["natsconn_in_flight_messages"] == 1500.0
     assert values["natsconn_dropped_total"] == 3.0
     assert values["process_resident_memory_bytes"] == 52428800.0
+
+
+# ---------------------------------------------------------------- arrivals, verdicts
+
+
+def test_arrivals_skip_the_warm_up_count_duplicates_and_ignore_foreign_payloads() -> None:
+    from bench.timed import Arrivals
+
+    a = Arrivals(expect=4, skip=1)
+    filler = b"." * 16
+    a.add(stamp(0, 1_000, filler), now_ns=9_000)  # warm-up: counted, not in the histogram
+    a.add(stamp(1, 2_000, filler), now_ns=5_000)
+    a.add(stamp(1, 2_000, filler), now_ns=6_000)  # a duplicate
+    a.add(b"short", now_ns=6_000)
+    a.add(stamp(99, 2_000, filler), now_ns=6_000)  # not from this run's sender
+    a.add(stamp(2, 3_000, filler), now_ns=10_000)
+    assert not a.done
+    a.add(stamp(3, 4_000, filler), now_ns=4_500)
+    assert a.done
+    r = a.result()
+    assert (r["received"], r["duplicates"], r["foreign"]) == (4, 1, 2)
+    h = Histogram.from_json(r["histogram"])
+    assert h.count == 3 and h.min == 500 and h.max == 7_000
+
+
+def _level(fraction: float, p99_ms: float) -> Any:
+    from bench.latency import Level
+
+    h = Histogram()
+    h.record(int(p99_ms * 1e6), times=100)
+    return Level(fraction, 1000.0, 100, {"sent": 100, "rate": 1000.0},
+                 {"received": 100, "rate": 1000.0, "histogram": h.to_json()}, 0.1, 0)
+
+
+def test_latency_target_is_linger_plus_two_round_trips_plus_5ms_at_half_load() -> None:
+    from bench.latency import PairLatency
+    from bench.model import Params
+
+    r = PairLatency("a->b", 128, Params(size=128, count=1, max_wait=0.02), 1e5, "given",
+                    [2_000_000, 3_000_000, 4_000_000])  # median 3 ms
+    assert r.target_ms == pytest.approx(20 + 2 * 3 + 5)
+    r.levels = [_level(0.1, 50.0), _level(0.5, 30.0), _level(0.8, 500.0)]
+    assert r.holds is True  # only the 50 % level counts
+    r.levels[1] = _level(0.5, 32.0)
+    assert r.holds is False
+    again = PairLatency.from_json(r.to_json())
+    assert again.holds is False and again.target_ms == r.target_ms
+
+
+def _stall(samples: list[tuple[str, int, int, dict[str, int]]], count: int = 100) -> Any:
+    from bench.stall import StallResult
+
+    rows = [{"phase": ph, "rss": rss, "in_flight": fl, "in_flight_bytes": fl * 10,
+             "delivered": d, "backlog": bl}
+            for ph, rss, fl, bl, d in ((*s, i * 40) for i, s in enumerate(samples))]
+    return StallResult("a->b", 128, count, 5.0, rows, bound_messages=50)
+
+
+def test_stall_verdict_reads_rss_in_flight_and_held_back() -> None:
+    r = _stall([("flowing", 10, 20, {"num_pending": 80}),
+                ("stalled", 30, 50, {"num_pending": 60}),
+                ("stalled", 25, 50, {"num_pending": 60}),
+                ("resumed", 20, 0, {"num_pending": 0})])
+    assert (r.rss_before, r.rss_peak, r.rss_after) == (10, 30, 20)
+    assert r.in_flight_max == 50 and r.held_back is True
+    assert r.delivered == 120 and r.ok
+    drained = _stall([("flowing", 10, 20, {"lag": 5}), ("stalled", 30, 60, {"lag": 0})],
+                     count=1000)
+    assert drained.held_back is False
+    assert not drained.ok  # over the bound, and not everything delivered
