@@ -111,8 +111,10 @@ class KafkaSinkConfig(KafkaConnectionConfig):
                                        "the record; 1: the leader has it; 0: no wait")
     enable_idempotence: bool = Field(True, description="no duplicates from the producer's "
                                      "own retries; needs acks: all")
-    linger: Duration = Field(0.005, ge=0, description="how long the producer waits to fill "
-                             "a record batch")
+    linger: Duration = Field(0.005, ge=0, description="unused: the sink hands the producer "
+                             "complete record batches, sent at once (the pipeline's "
+                             "batch.max_wait collects messages); accepted so that existing "
+                             "files stay valid")
     max_batch_size: ByteSize = Field(512 * 1024, ge=1024, description="record batch size "
                                      "per partition")
     max_request_size: ByteSize = Field(1024 * 1024, ge=1024, description="largest record "
@@ -198,8 +200,7 @@ class _RecordBatch:
 
 
 class KafkaSink(Sink[KafkaSinkConfig]):
-    """Kafka producer, idempotent with acks=all; a batch is written as record batches
-    per partition, with one wait for all of them."""
+    """Idempotent Kafka producer (acks=all); a write is record batches per partition, one wait."""
 
     Config = KafkaSinkConfig
 
