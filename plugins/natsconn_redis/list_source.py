@@ -131,7 +131,6 @@ class RedisListSource(Source[RedisListSourceConfig]):
         self._processing = self._list_name(self._consumer)
         self._alive = self._processing + ":alive"
         self._pop = cfg.pop.value.upper()
-        self._block_cap = cfg.socket_timeout / 2
         self._link: RedisLink = await open_link(cfg, self.context)
         r = self._r = self._link.client
         self._move_some = r.register_script(_MOVE_SOME)
@@ -139,8 +138,9 @@ class RedisListSource(Source[RedisListSourceConfig]):
         self._nack_script = r.register_script(_NACK)
         try:
             await self._beat()
-            back = await self._return_all(
-                keys=[self._processing, cfg.key, self._alive], args=[self._pop, "0"])
+            async with self._link.deadline():
+                back = await self._return_all(
+                    keys=[self._processing, cfg.key, self._alive], args=[self._pop, "0"])
         except Exception as exc:
             await self._link.close()
             raise read_error(self._link, exc, f"recovering {self._processing!r}") from None
@@ -158,7 +158,9 @@ class RedisListSource(Source[RedisListSourceConfig]):
     # -- liveness and orphans ---------------------------------------------------
 
     async def _beat(self) -> None:
-        await self._r.set(self._alive, self._consumer, px=max(1, int(self.config.lease * 1000)))
+        async with self._link.deadline():
+            await self._r.set(self._alive, self._consumer,
+                              px=max(1, int(self.config.lease * 1000)))
 
     async def _keep_alive(self) -> None:
         cfg = self.config
@@ -181,38 +183,55 @@ class RedisListSource(Source[RedisListSourceConfig]):
         cfg = self.config
         pattern = (cfg.processing_list.replace("{key}", _GLOB_SPECIAL.sub(r"\\\1", cfg.key))
                    .replace("{consumer}", "*"))
-        async for raw in self._r.scan_iter(match=pattern, count=200, _type="list"):
-            name = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
-            if name == self._processing:
-                continue
+        cursor: int = 0
+        while True:  # SCAN by hand: one deadline per round trip
+            async with self._link.deadline():
+                cursor, found = await self._r.scan(cursor, match=pattern, count=200,
+                                                   _type="list")
+            for raw in found:
+                await self._return_orphan(raw)
+            if cursor == 0:
+                return
+
+    async def _return_orphan(self, raw: bytes | str) -> None:
+        cfg = self.config
+        name = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+        if name == self._processing:
+            return
+        async with self._link.deadline():
             moved = await self._return_all(keys=[name, cfg.key, name + ":alive"],
                                            args=[self._pop, "1"])
-            if isinstance(moved, int) and moved > 0:
-                self.context.logger.warning(
-                    "redis: %d element(s) of %s, whose consumer is gone, went back to %s",
-                    moved, name, cfg.key)
+        if isinstance(moved, int) and moved > 0:
+            self.context.logger.warning(
+                "redis: %d element(s) of %s, whose consumer is gone, went back to %s",
+                moved, name, cfg.key)
 
     # -- reading ----------------------------------------------------------------
 
     async def read_batch(self, max_messages: int, max_wait: float) -> Batch | None:
         cfg = self.config
         keys = [cfg.key, self._processing]
+        deadline = self._link.deadline
         try:
-            values: list[bytes] = await self._move_some(keys=keys, args=[max_messages, self._pop])
+            async with deadline():
+                values: list[bytes] = await self._move_some(keys=keys,
+                                                            args=[max_messages, self._pop])
             if not values:
-                wait = min(max_wait, self._block_cap)
-                if wait <= 0:
+                if max_wait <= 0:
                     self._link.restored()
                     return None
-                first: Any = await self._r.execute_command(  # type: ignore[no-untyped-call]
-                    "BLMOVE", cfg.key, self._processing, self._pop, "LEFT",
-                    max(0.01, round(wait, 3)))  # 0 would block for ever
+                block = max(0.01, round(max_wait, 3))  # 0 would block for ever
+                async with deadline(block):
+                    first: Any = await self._r.execute_command(  # type: ignore[no-untyped-call]
+                        "BLMOVE", cfg.key, self._processing, self._pop, "LEFT", block)
                 if first is None:
                     self._link.restored()
                     return None
                 values = [first]
                 if max_messages > 1:
-                    values += await self._move_some(keys=keys, args=[max_messages - 1, self._pop])
+                    async with deadline():
+                        values += await self._move_some(keys=keys,
+                                                        args=[max_messages - 1, self._pop])
         except Exception as exc:
             raise read_error(self._link, exc, f"reading {cfg.key!r}") from None
         self._link.restored()
@@ -226,14 +245,16 @@ class RedisListSource(Source[RedisListSourceConfig]):
             pipe = self._r.pipeline(transaction=False)
             for v in values:
                 pipe.execute_command("LREM", self._processing, -1, v)
-            await pipe.execute()
+            async with self._link.deadline():
+                await pipe.execute()
         except Exception as exc:
             raise read_error(self._link, exc, f"LREM from {self._processing!r}") from None
 
     async def _give_back(self, values: Sequence[bytes]) -> None:
         try:
-            await self._nack_script(keys=[self._processing, self.config.key],
-                                    args=[self._pop, *values])
+            async with self._link.deadline():
+                await self._nack_script(keys=[self._processing, self.config.key],
+                                        args=[self._pop, *values])
         except Exception as exc:
             raise read_error(self._link, exc, f"returning to {self.config.key!r}") from None
 
@@ -248,8 +269,9 @@ class RedisListSource(Source[RedisListSourceConfig]):
             await task
         with contextlib.suppress(Exception):
             # Let the others recover at once whatever is still ours.
-            if await self._r.llen(self._processing):
-                await self._r.delete(self._alive)
-            else:
-                await self._r.delete(self._alive, self._processing)
+            async with self._link.deadline():
+                if await self._r.llen(self._processing):
+                    await self._r.delete(self._alive)
+                else:
+                    await self._r.delete(self._alive, self._processing)
         await link.close()

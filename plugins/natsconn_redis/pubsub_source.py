@@ -57,7 +57,9 @@ class RedisPubSubSource(Source[RedisPubSubSourceConfig]):
     async def connect(self) -> None:
         cfg = self.config
         self._buffer: PushBuffer[Message] = PushBuffer(cfg.buffer_messages)
-        self._link: RedisLink = await open_link(cfg, self.context)
+        # redis-py's own socket timeout stays on here: every read passes its own
+        # timeout, and redis-py reconnects and subscribes again by itself.
+        self._link: RedisLink = await open_link(cfg, self.context, per_reply_timeout=True)
         self._pubsub: PubSub | None = None
         self._overflow = 0
         try:

@@ -129,7 +129,6 @@ class RedisStreamSource(Source[RedisStreamSourceConfig]):
         self._stale: dict[str, str] = {}  # cursors of the current stale scan
         self._next_scan = 0.0
         self._min_idle_ms = max(1, int(cfg.min_idle_time * 1000))
-        self._block_cap = cfg.socket_timeout / 2
         self._link: RedisLink = await open_link(cfg, self.context)
         self._r = self._link.client
         self._move_script = self._r.register_script(_MOVE)
@@ -144,7 +143,8 @@ class RedisStreamSource(Source[RedisStreamSourceConfig]):
         cfg = self.config
         if not cfg.create_group:
             try:
-                groups = await self._r.xinfo_groups(stream)
+                async with self._link.deadline():
+                    groups = await self._r.xinfo_groups(stream)
             except ResponseError:
                 groups = []
             except Exception as exc:
@@ -155,7 +155,9 @@ class RedisStreamSource(Source[RedisStreamSourceConfig]):
                     f"{self._group!r}; create it, or set create_group: true")
             return
         try:
-            await self._r.xgroup_create(stream, self._group, id=cfg.start_id, mkstream=True)
+            async with self._link.deadline():
+                await self._r.xgroup_create(stream, self._group, id=cfg.start_id,
+                                            mkstream=True)
             self.context.logger.info("created consumer group %s on stream %s at %s",
                                      self._group, stream, cfg.start_id)
         except ResponseError as exc:
@@ -192,13 +194,15 @@ class RedisStreamSource(Source[RedisStreamSourceConfig]):
     async def _read_new(self, max_messages: int, max_wait: float) -> Batch | None:
         args: list[Any] = ["XREADGROUP", "GROUP", self._group, self._consumer,
                            "COUNT", max_messages]
-        wait = min(max_wait, self._block_cap)
-        if wait > 0:
-            args += ("BLOCK", max(1, int(wait * 1000)))
+        block = 0.0
+        if max_wait > 0:
+            block = max(1, int(max_wait * 1000))
+            args += ("BLOCK", block)
         args.append("STREAMS")
         args += self.config.streams
         args += [">"] * len(self.config.streams)
-        reply: Any = await self._r.execute_command(*args)  # type: ignore[no-untyped-call]
+        async with self._link.deadline(block / 1000):
+            reply: Any = await self._r.execute_command(*args)  # type: ignore[no-untyped-call]
         if not reply:
             return None
         decode = self._decoder.message
@@ -231,10 +235,11 @@ class RedisStreamSource(Source[RedisStreamSourceConfig]):
 
     async def _recover(self, n: int) -> None:
         """Fill ``_ready`` with pending entries to deliver again, if there are any."""
-        r, group = self._r, self._group
+        r, group, deadline = self._r, self._group, self._link.deadline
         for stream, cursor in list(self._own.items()):
-            pending = await r.xpending_range(stream, group, cursor, "+", n,
-                                             consumername=self._consumer)
+            async with deadline():
+                pending = await r.xpending_range(stream, group, cursor, "+", n,
+                                                 consumername=self._consumer)
             self._advance(self._own, stream, pending, n)
             await self._claim(stream, pending, 0)
             if self._ready:
@@ -245,8 +250,9 @@ class RedisStreamSource(Source[RedisStreamSourceConfig]):
             self._stale = {s: "-" for s in self.config.streams}
             await self._report_lag()
         for stream, cursor in list(self._stale.items()):
-            pending = await r.xpending_range(stream, group, cursor, "+", n,
-                                             idle=self._min_idle_ms)
+            async with deadline():
+                pending = await r.xpending_range(stream, group, cursor, "+", n,
+                                                 idle=self._min_idle_ms)
             self._advance(self._stale, stream, pending, n)
             await self._claim(stream, pending, self._min_idle_ms)
             if self._ready:
@@ -269,8 +275,9 @@ class RedisStreamSource(Source[RedisStreamSourceConfig]):
         }
         if not counts:
             return
-        claimed: Any = await self._r.xclaim(stream, self._group, self._consumer,
-                                            min_idle_ms, list[Any](counts))
+        async with self._link.deadline():
+            claimed: Any = await self._r.xclaim(stream, self._group, self._consumer,
+                                                min_idle_ms, list[Any](counts))
         limit = self.config.max_deliveries
         poison: list[tuple[bytes, dict[bytes, bytes], int]] = []
         gone: list[bytes] = []
@@ -287,7 +294,8 @@ class RedisStreamSource(Source[RedisStreamSourceConfig]):
                              {DELIVERY_COUNT: str(deliveries)})
             self._ready.append((stream, entry_id, message))
         if gone:
-            await self._r.xack(stream, self._group, *gone)
+            async with self._link.deadline():
+                await self._r.xack(stream, self._group, *gone)
         if poison:
             await self._dead_letter(stream, poison)
         if claimed:
@@ -317,7 +325,8 @@ class RedisStreamSource(Source[RedisStreamSourceConfig]):
             )
             await self._move_script(keys=[target, stream],
                                     args=[self._group, entry_id, *values], client=pipe)
-        results = await pipe.execute(raise_on_error=False)
+        async with self._link.deadline():  # SCRIPT EXISTS/LOAD, then the pipeline
+            results = await pipe.execute(raise_on_error=False)
         failed = [r for r in results if isinstance(r, Exception)]
         moved = len(poison) - len(failed)
         if moved:
@@ -336,7 +345,9 @@ class RedisStreamSource(Source[RedisStreamSourceConfig]):
         total = 0
         group = self._group.encode()
         for stream in self.config.streams:
-            for info in await self._r.xinfo_groups(stream):
+            async with self._link.deadline():
+                infos = await self._r.xinfo_groups(stream)
+            for info in infos:
                 if info.get("name") == group and isinstance(info.get("lag"), int):
                     total += info["lag"]
         self.context.meters.lag(total)
@@ -354,7 +365,8 @@ class RedisStreamSource(Source[RedisStreamSourceConfig]):
             pipe = self._r.pipeline(transaction=False)
             for stream, entry_ids in ids.items():
                 pipe.execute_command("XACK", stream, self._group, *entry_ids)
-            await pipe.execute()
+            async with self._link.deadline():
+                await pipe.execute()
         except Exception as exc:
             raise read_error(self._link, exc, "XACK") from None
         finally:
@@ -376,7 +388,8 @@ class RedisStreamSource(Source[RedisStreamSourceConfig]):
             for stream, entry_ids in ids.items():
                 pipe.xclaim(stream, self._group, self._consumer, 0, list[Any](entry_ids),
                             idle=idle_ms, justid=True)
-            await pipe.execute()
+            async with self._link.deadline():
+                await pipe.execute()
         except Exception as exc:
             raise read_error(self._link, exc, "XCLAIM") from None
 

@@ -10,9 +10,10 @@ never holds the event loop for long.
 Replies are mapped per command: a refusal that no retry cures (WRONGTYPE,
 NOPERM, a syntax error) makes those messages :class:`RejectedError`; an
 out-of-memory, read-only replica or loading server makes them retryable; a
-lost connection makes the whole rest of the batch retryable (Redis may have
-applied part of a pipeline before the connection broke; a retry then writes
-those again: at least once).
+lost connection, or no reply within ``socket_timeout`` for the whole round
+trip, makes the whole rest of the batch retryable (Redis may have applied part
+of a pipeline before the connection broke; a retry then writes those again:
+at least once). A timed-out connection is dropped, never reused half read.
 """
 
 from __future__ import annotations
@@ -119,7 +120,8 @@ class CommandSink(Sink[ConfigT]):
             for _, args in part:
                 pipe.execute_command(*args)
             try:
-                replies = await pipe.execute(raise_on_error=False)
+                async with self._link.deadline():
+                    replies = await pipe.execute(raise_on_error=False)
             except Exception as exc:
                 error = command_error(exc)
                 if is_connection_error(exc):
