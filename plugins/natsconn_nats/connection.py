@@ -240,10 +240,12 @@ async def open_connection(
     config: NatsConnectionConfig,
     context: PluginContext,
     reconnected: Callable[[], Awaitable[None]] | None = None,
+    disconnected: Callable[[], None] | None = None,
 ) -> Client:
     """Connect with the shared options; connection events go to the logs and meters.
 
-    ``reconnected`` runs after each reconnect (pull consumers re-issue requests).
+    ``reconnected`` runs after each reconnect (pull consumers re-issue requests);
+    ``disconnected`` when a live connection is lost (replies sent to it are gone).
     """
     log, meters = context.logger, context.meters
 
@@ -268,6 +270,8 @@ async def open_connection(
             return  # our own close
         meters.disconnected()
         log.warning("nats: disconnected; reconnecting")
+        if disconnected is not None:
+            disconnected()
 
     async def on_reconnect() -> None:
         meters.reconnected()

@@ -57,7 +57,7 @@ class JetStreamSinkConfig(NatsConnectionConfig):
 
 
 class _InFlight:
-    __slots__ = ("done", "errors", "remaining", "seen", "subjects")
+    __slots__ = ("done", "errors", "lost", "remaining", "seen", "subjects")
 
     def __init__(self, n: int) -> None:
         self.subjects: list[str] = []  # as published, by index, for error messages
@@ -65,6 +65,7 @@ class _InFlight:
         self.seen = bytearray(n)
         self.errors: dict[int, RetryableError | RejectedError] = {}
         self.done = asyncio.get_running_loop().create_future()
+        self.lost = False  # the connection dropped before every PubAck came
 
 
 class JetStreamSink(Sink[JetStreamSinkConfig]):
@@ -75,7 +76,9 @@ class JetStreamSink(Sink[JetStreamSinkConfig]):
     async def connect(self) -> None:
         cfg = self.config
         self._template = AddressTemplate(cfg.subject)
-        self._nc: Client = await open_connection(cfg, self.context)
+        self._batches: dict[str, _InFlight] = {}
+        self._nc: Client = await open_connection(cfg, self.context,
+                                                 disconnected=self._on_disconnect)
         if cfg.stream and cfg.stream_subjects:
             js = self._nc.jetstream()
             try:
@@ -85,7 +88,6 @@ class JetStreamSink(Sink[JetStreamSinkConfig]):
             except Exception as exc:
                 raise ConnectorError(f"cannot look up stream {cfg.stream!r}: {exc}") from None
         self._ids = itertools.count()
-        self._batches: dict[str, _InFlight] = {}
         self._inbox = self._nc.new_inbox()
         self._sub: Subscription = await self._nc.subscribe_direct(
             self._inbox + ".*.*", self._on_ack)
@@ -111,6 +113,16 @@ class JetStreamSink(Sink[JetStreamSinkConfig]):
         state.remaining -= 1
         if state.remaining == 0 and not state.done.done():
             state.done.set_result(None)
+
+    def _on_disconnect(self) -> None:
+        """PubAcks the server sent to the lost connection will never come: end the
+        waits of the batches in flight now rather than after ``ack_timeout``. Their
+        retries carry the same Nats-Msg-Id, so what the server stored is not stored
+        twice."""
+        for state in self._batches.values():
+            state.lost = True
+            if not state.done.done():
+                state.done.set_result(None)
 
     async def write_batch(self, messages: Sequence[Message]) -> None:
         cfg = self.config
@@ -156,13 +168,17 @@ class JetStreamSink(Sink[JetStreamSinkConfig]):
                     state.remaining -= 1
             await nc.send_encoded(commands, len(commands), nbytes)
             if state.remaining > 0:
+                missing = ""
                 try:
                     await asyncio.wait_for(asyncio.shield(state.done), cfg.ack_timeout)
                 except TimeoutError:
+                    missing = f"no PubAck within {cfg.ack_timeout}s"
+                if state.lost:
+                    missing = "connection to the server lost before the PubAck came"
+                if missing:
                     for i in range(len(messages)):
                         if not state.seen[i]:
-                            state.errors[i] = RetryableError(
-                                f"no PubAck within {cfg.ack_timeout}s")
+                            state.errors[i] = RetryableError(missing)
         except ConnectorError:
             raise
         except Exception as exc:

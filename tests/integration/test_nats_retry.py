@@ -9,6 +9,7 @@ after (a lost confirmation). Both run in this process.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -205,3 +206,35 @@ async def test_core_nats_sink_stalled_past_flush_timeout_then_cut_every_message_
                 f"num_ack_pending {info.num_ack_pending}") from None
     assert at_cut < n, f"the stream was through ({at_cut}) before the cut"
     assert_all_present(out.seqs(), n, "core subscriber")
+
+
+async def test_jetstream_sink_write_fails_at_once_when_the_connection_drops(
+        nc: NATS, nats_url: str, nats_address: tuple[str, int], unique: str,
+        tcp_proxy: Any) -> None:
+    """PubAcks sent to a lost connection never come: a write waiting for them
+    fails as retryable when the connection drops, not after ack_timeout (60 s
+    here), and its retry after the reconnect stores each message once."""
+    target = f"DROP_{unique}"
+    await create_stream(nc, target, [f"drop.{unique}.>"])
+    proxy = await tcp_proxy(*nats_address)
+    sink = JetStreamSink.make_test_instance(
+        servers=[f"nats://{proxy.address}"], subject=f"drop.{unique}.x", ack_timeout=60.0,
+        reconnect_wait="100ms")
+    await sink.connect()
+    messages = [Message(b"%d" % i, id=f"drop-{unique}-{i}") for i in range(100)]
+    try:
+        proxy.stall()  # the publishes go out, the PubAcks are held
+        write = asyncio.create_task(sink.write_batch(messages))
+        await asyncio.sleep(0.5)
+        assert not write.done()
+        started = asyncio.get_running_loop().time()
+        proxy.cut()
+        with pytest.raises(RetryableError, match="connection to the server lost"):
+            await asyncio.wait_for(write, 10)
+        assert asyncio.get_running_loop().time() - started < 10
+        proxy.resume()
+        await sink.write_batch(messages)  # the retry, after the reconnect
+    finally:
+        await sink.close()
+    got = await read_stream(nc, target)
+    assert sorted(int(m.data) for m in got) == list(range(100))
