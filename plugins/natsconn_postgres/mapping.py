@@ -344,7 +344,10 @@ class RowBuilder:
             elif conv is to_text and source.kind in ("subject", "id", "header"):
                 conv = identity  # str | None already
             self._steps.append((extractor(source), conv))
-        self._funcs = [_compose(e, c) for e, c in self._steps]
+        self._funcs = [
+            _message_time if (Source.parse(spec.source).kind == "timestamp"
+                              and c is to_timestamptz) else _compose(e, c)
+            for spec, (e, c) in zip(columns.values(), self._steps, strict=True)]
         self._needs_json = needs_json
 
     def rows(self, messages: Sequence[Message]
@@ -382,6 +385,16 @@ class RowBuilder:
             except (ValueError, TypeError, ArithmeticError) as exc:
                 return RejectedError(f"column {name!r}: {exc}")
         return RejectedError("a column could not take its value")
+
+
+_from_epoch = dt.datetime.fromtimestamp
+
+
+def _message_time(m: Message, _doc: Any) -> dt.datetime | None:
+    """``timestamp`` into timestamptz in one call: the sink's default mapping
+    converts it for every row (``Message.timestamp`` is epoch seconds or None)."""
+    t = m.timestamp
+    return None if t is None else _from_epoch(t, dt.UTC)
 
 
 def _compose(extract: Extract, conv: Callable[[Any], Any]) -> Extract:
