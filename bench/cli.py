@@ -134,6 +134,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=1000, help="batch size (default 1000)")
+    parser.add_argument("--linger", type=float, default=20.0, help="the pipeline's "
+                        "batch.max_wait in ms (default 20)")
     parser.add_argument("--max-in-flight", type=int, default=4,
                         help="concurrent batches (default 4)")
     parser.add_argument("--storage", choices=["file", "memory"], default="file",
@@ -254,7 +256,8 @@ def _options(args: argparse.Namespace, pairs: list[Pair], sizes: list[int]) -> O
     if not args.no_start:
         _start_services(pairs)
     return Options(pairs=pairs, sizes=sizes, runs=1, warmup=False, quick=args.quick,
-                   batch=args.batch, max_in_flight=args.max_in_flight, storage=args.storage,
+                   batch=args.batch, max_wait=args.linger / 1000,
+                   max_in_flight=args.max_in_flight, storage=args.storage,
                    loop=_loop(None), noise=args.noise, env=_service_env())
 
 

@@ -107,6 +107,12 @@ class Endpoint(ABC):
         acknowledged, where the system tells (polled every 0.5 s by `bench stall`)."""
         return {}
 
+    async def consuming(self, place: Place) -> bool:
+        """Source role: has natsconn's source begun to consume (a consumer group
+        joined and assigned)? `bench latency` waits for it before sending, so a group
+        join does not queue up the first messages."""
+        return True
+
     def server_address(self) -> tuple[str, int] | None:
         """``(host, port)`` of the server this endpoint's plugin connects to."""
         if self.address_env is None:

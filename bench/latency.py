@@ -21,6 +21,7 @@ batch linger (``batch.max_wait``) + 2 x the sink's median round trip + 5 ms.
 
 from __future__ import annotations
 
+import asyncio
 import statistics
 import time
 import uuid
@@ -29,10 +30,11 @@ from typing import Any
 
 from .endpoint import Endpoint
 from .hdr import Histogram
-from .model import Params
+from .model import Params, Place
 from .registry import PAIRS, Pair, parse_pair
 from .runner import BenchError, Harness
 from .schedule import level_count
+from .sizing import scaled_count
 from .timed import RECEIVERS, ROUND_TRIPS, SENDERS
 
 LEVELS = (0.1, 0.5, 0.8)
@@ -175,7 +177,10 @@ class LatencyRunner:
                 result.max_rate = self.opts.max_rate
             else:
                 await self.h.quiet()
-                sample = await self.h.pipeline_once(pair, src, dst, params)
+                # the full count (within the byte budget), --quick or not: a sink that
+                # writes in large batches needs a few polls' worth to be timed
+                full = replace(params, count=scaled_count(pair.count, size))
+                sample = await self.h.pipeline_once(pair, src, dst, full)
                 result.max_rate, result.max_from = sample.rate, "measured"
                 self.h.say(f"{time.strftime('%H:%M:%S')} {label} | max rate "
                            f"{sample.rate:,.0f} msg/s (throughput run, {sample.messages:,} "
@@ -222,6 +227,7 @@ class LatencyRunner:
             child, _ = await self.h.start_natsconn(
                 pair, src.source_block(src_place, params), dst.sink_block(dst_place, params),
                 params, tag)
+            await self._consuming(src, src_place)
             cpu0 = child.cpu()
             send = {"mode": "send", "endpoint": src.name, "place": src_place,
                     "params": params.to_json(), "rate": rate, "count": count}
@@ -240,6 +246,15 @@ class LatencyRunner:
                 await child.reap()
             await src.destroy(src_place)
             await dst.destroy(dst_place)
+
+    @staticmethod
+    async def _consuming(src: Endpoint, place: Place, limit: float = 60.0) -> None:
+        end = time.monotonic() + limit
+        while not await src.consuming(place):
+            if time.monotonic() > end:
+                raise BenchError(f"natsconn's {src.name} source did not start consuming "
+                                 f"within {limit:.0f} s")
+            await asyncio.sleep(0.1)
 
     @staticmethod
     def _judge(level: Level) -> None:

@@ -54,7 +54,7 @@ def conditions(opts: Options, described: dict[str, str], started: float,
         "cpu_count": os.cpu_count(),
         "event_loop": loop,
         "batch_max_messages": opts.batch,
-        "batch_max_wait": f"{round(Params(0, 0).max_wait * 1000)}ms",
+        "batch_max_wait": f"{opts.max_wait * 1000:g}ms",
         "max_in_flight": opts.max_in_flight,
         "jetstream_prefetch": f"{opts.prefetch} messages within "
                               f"{opts.prefetch_bytes / 2**20:g} MiB",

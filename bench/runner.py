@@ -60,6 +60,7 @@ class Options:
     quick: bool = False
     count: int | None = None  # overrides every pair's count
     batch: int = 1000
+    max_wait: float = 0.02  # batch.max_wait (linger), seconds
     max_in_flight: int = 4
     prefetch: int = 10_000
     prefetch_bytes: int = 16 * 2**20
@@ -220,7 +221,8 @@ class Harness:
         else:
             count = scaled_count(pair.count, size, BYTE_BUDGET, MIN_COUNT)
         src = ENDPOINTS[pair.source]
-        return Params(size=size, count=count, batch=o.batch, max_in_flight=o.max_in_flight,
+        return Params(size=size, count=count, batch=o.batch, max_wait=o.max_wait,
+                      max_in_flight=o.max_in_flight,
                       prefetch=o.prefetch, prefetch_bytes=o.prefetch_bytes,
                       ids=src.gives_ids, storage=o.storage)
 

@@ -148,6 +148,19 @@ class Kafka(Endpoint):
         ends = await counter.end_offsets(tps)
         return int(sum(ends.values()))
 
+    async def consuming(self, place: Place) -> bool:
+        """The source's group is Stable with a member (partitions assigned)."""
+        try:
+            groups = await self.admin.describe_consumer_groups([place["group"]])
+        except KafkaError:
+            return False
+        for g in groups:
+            for group in getattr(g, "groups", []) or []:
+                # (error_code, group_id, state, protocol_type, protocol, members, ...)
+                if len(group) > 5 and group[2] == "Stable" and group[5]:
+                    return True
+        return False
+
     async def backlog(self, place: Place) -> dict[str, int]:
         """The group's lag: end offsets minus committed offsets, over the partitions."""
         try:

@@ -58,7 +58,9 @@ async def receive_redis_stream(env: dict[str, str], place: Place, params: Params
         for _, entries in reply:
             for entry_id, fields in entries:
                 last = entry_id
-                values = dict(zip(fields[::2], fields[1::2], strict=False))
+                # redis-py's XREAD callback gives a dict; a raw reply a flat list
+                values = fields if isinstance(fields, dict) else dict(
+                    zip(fields[::2], fields[1::2], strict=False))
                 data = values.get(b"data")
                 if data is not None:
                     add(data, now)
