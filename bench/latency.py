@@ -53,6 +53,7 @@ class Level:
     natsconn_cpu: float  # CPU seconds natsconn used during the level
     natsconn_rss: int  # its peak RSS, bytes
     notes: list[str] = field(default_factory=list)
+    other_cores: float = 0.0  # CPU other processes used meanwhile (the machine is shared)
 
     @property
     def histogram(self) -> Histogram:
@@ -70,12 +71,14 @@ class Level:
         return {"fraction": self.fraction, "rate": self.rate, "count": self.count,
                 "sent": self.sent, "received": self.received,
                 "natsconn_cpu": self.natsconn_cpu, "natsconn_rss": self.natsconn_rss,
-                "notes": self.notes, "summary_ns": self.histogram.summary()}
+                "notes": self.notes, "other_cores": self.other_cores,
+                "summary_ns": self.histogram.summary()}
 
     @classmethod
     def from_json(cls, j: dict[str, Any]) -> Level:
         return cls(j["fraction"], j["rate"], j["count"], j["sent"], j["received"],
-                   j["natsconn_cpu"], j["natsconn_rss"], j.get("notes", []))
+                   j["natsconn_cpu"], j["natsconn_rss"], j.get("notes", []),
+                   j.get("other_cores", 0.0))
 
 
 @dataclass(slots=True)
@@ -228,16 +231,20 @@ class LatencyRunner:
                 pair, src.source_block(src_place, params), dst.sink_block(dst_place, params),
                 params, tag)
             await self._consuming(src, src_place)
+            self.h.meter.start()
             cpu0 = child.cpu()
             send = {"mode": "send", "endpoint": src.name, "place": src_place,
                     "params": params.to_json(), "rate": rate, "count": count}
             receive = {"mode": "receive", "endpoint": dst.name, "place": dst_place,
                        "params": params.to_json(), "count": count, "skip": skip,
                        "idle": max(5.0, 3 * params.max_wait)}
-            received, _, sent = await self.h.run_worker(
+            received, receiver_cpu, sent = await self.h.run_worker(
                 receive, on_ready=lambda: self.h.run_worker(send))
+            natsconn_cpu = child.cpu() - cpu0
+            ours = natsconn_cpu + receiver_cpu + (sent[1] if sent else 0.0)
             level = Level(fraction, rate, count, sent[0] if sent else {}, received,
-                          child.cpu() - cpu0, child.hwm())
+                          natsconn_cpu, child.hwm(),
+                          other_cores=self.h.meter.other_cores(ours))
             self._judge(level)
             return level
         finally:
@@ -280,4 +287,4 @@ class LatencyRunner:
                    f"{lv.rate:,.0f} msg/s offered, {lv.delivered_rate:,.0f} delivered | "
                    f"p50 {fmt['p50']} p99 {fmt['p99']} p99.9 {fmt['p99.9']} max {fmt['max']} "
                    f"ms | natsconn {lv.natsconn_cpu / max(lv.count, 1) * 1e6:.1f} us/msg "
-                   f"CPU{notes}")
+                   f"CPU | other {lv.other_cores:.2f} cores{notes}")

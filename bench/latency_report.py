@@ -25,15 +25,16 @@ def markdown(results: list[PairLatency], cond: dict[str, Any]) -> str:
     out = ["# natsconn end-to-end latency", "",
            "| pipeline | size | max msg/s | linger | sink RTT (median) | target p99 at 50% | "
            "load | offered msg/s | delivered msg/s | p50 ms | p99 ms | p99.9 ms | max ms | "
-           "holds | notes |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "holds | other cores | notes |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         head = (f"| {r.pair} | {r.size} B | {_rate(r.max_rate)} ({r.max_from}) | "
                 f"{r.linger_ms:.0f} ms | "
                 + (f"{r.round_trip_ms:.2f} ms" if r.round_trip_ms is not None else "-")
                 + " | " + (f"{r.target_ms:.1f} ms" if r.target_ms is not None else "-"))
         if r.error or not r.levels:
-            out.append(f"{head} | - | - | - | - | - | - | - | - | {r.error or 'no levels'} |")
+            out.append(f"{head} | - | - | - | - | - | - | - | - | - | "
+                       f"{r.error or 'no levels'} |")
             continue
         for lv in r.levels:
             h = lv.histogram
@@ -43,12 +44,14 @@ def markdown(results: list[PairLatency], cond: dict[str, Any]) -> str:
             out.append(f"{head} | {lv.fraction:.0%} | {_rate(lv.rate)} | "
                        f"{_rate(lv.delivered_rate)} | {_ms(h.percentile(50))} | "
                        f"{_ms(h.percentile(99))} | {_ms(h.percentile(99.9))} | {_ms(h.max)} | "
-                       f"{holds} | {'; '.join(lv.notes)} |")
+                       f"{holds} | {lv.other_cores:.2f} | {'; '.join(lv.notes)} |")
     out += ["", "Latency: arrival at a raw consumer of the sink's place minus the message's "
             "*intended* send time (open loop: the sender's schedule, so a sender that falls "
             "behind adds its delay), from a log-bucket histogram (values within 0.8 %); the "
-            "first seconds of each level are left out. Target (issue #8): p99 at 50 % load <= "
-            "linger + 2 x sink round trip + 5 ms.", "", "## Conditions", ""]
+            "first seconds of each level are left out. Other cores: CPU used by processes "
+            "outside the measurement (other people's work on a shared machine). Target "
+            "(issue #8): p99 at 50 % load <= linger + 2 x sink round trip + 5 ms.", "",
+            "## Conditions", ""]
     out += [f"- {k}: {v}" for k, v in cond.items()]
     out.append("")
     return "\n".join(out)
