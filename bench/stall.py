@@ -92,14 +92,28 @@ class StallResult:
         return int(self.samples[-1]["delivered"]) if self.samples else 0
 
     @property
+    def read_while_stalled(self) -> int | None:
+        """Messages natsconn took from its source during the stall (natsconn_messages_in):
+        what filled its window, then nothing."""
+        rows = [s for s in self._phase("stalled") if s.get("messages_in") is not None]
+        before = [s for s in self._phase("flowing") if s.get("messages_in") is not None]
+        if not rows:
+            return None
+        start = before[-1]["messages_in"] if before else rows[0]["messages_in"]
+        return int(rows[-1]["messages_in"] - start)
+
+    @property
     def held_back(self) -> bool | None:
         """The source kept the backlog while stalled: its waiting count (JetStream
-        num_pending, Kafka/Redis lag) stayed above zero all through the stall."""
+        num_pending, Kafka/Redis lag) stayed above zero all through the stall, and
+        natsconn read no more than its in-flight bound meanwhile."""
         rows = [s for s in self._phase("stalled") if s.get("backlog")]
         if not rows:
             return None
         key = "num_pending" if "num_pending" in rows[0]["backlog"] else "lag"
-        return all(int(s["backlog"].get(key, 0)) > 0 for s in rows)
+        read = self.read_while_stalled
+        return (all(int(s["backlog"].get(key, 0)) > 0 for s in rows)
+                and (read is None or read <= self.bound_messages))
 
     @property
     def ok(self) -> bool:
@@ -114,6 +128,7 @@ class StallResult:
                 "rss_after": self.rss_after, "in_flight_max": self.in_flight_max,
                 "in_flight_bytes_max": self.in_flight_bytes_max,
                 "delivered": self.delivered, "held_back": self.held_back, "ok": self.ok,
+                "read_while_stalled": self.read_while_stalled,
                 "samples": self.samples}
 
     @classmethod

@@ -26,20 +26,23 @@ def _backlog(r: StallResult) -> str:
 def markdown(results: list[StallResult], cond: dict[str, Any]) -> str:
     out = ["# natsconn with a stalled sink", "",
            "| pipeline | size | preloaded | stall | RSS before / peak stalled / after | "
-           "in flight max (bound) | in-flight bytes max | source backlog while stalled | "
-           "held back | delivered after resume | drain | ok | notes |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "in flight max (bound) | in-flight bytes max | read while stalled | "
+           "source backlog while stalled | held back | delivered after resume | drain | ok | "
+           "notes |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         if r.error:
             out.append(f"| {r.pair} | {r.size} B | {r.count:,} | {r.seconds:g} s | - | - | - "
-                       f"| - | - | - | - | **no** | {r.error} |")
+                       f"| - | - | - | - | - | **no** | {r.error} |")
             continue
         held = {True: "yes", False: "**no**", None: "-"}[r.held_back]
         drain = f"{r.drain_seconds:.1f} s" if r.drain_seconds is not None else "-"
         out.append(f"| {r.pair} | {r.size} B | {r.count:,} | {r.seconds:g} s | "
                    f"{_mib(r.rss_before)} / {_mib(r.rss_peak)} / {_mib(r.rss_after)} | "
                    f"{r.in_flight_max:,} ({r.bound_messages:,}) | "
-                   f"{_mib(r.in_flight_bytes_max)} | {_backlog(r)} | {held} | "
+                   f"{_mib(r.in_flight_bytes_max)} | "
+                   + (f"{r.read_while_stalled:,}" if r.read_while_stalled is not None else "-")
+                   + f" | {_backlog(r)} | {held} | "
                    f"{r.delivered:,} | {drain} | {'yes' if r.ok else '**no**'} | "
                    f"{'; '.join(r.notes)} |")
     out += ["", "The sink's TCP connection runs through connector.testing.proxy.TcpProxy, "
@@ -49,7 +52,8 @@ def markdown(results: list[StallResult], cond: dict[str, Any]) -> str:
             "In flight: natsconn_in_flight_messages (read, not yet acknowledged); the bound "
             "is batch.max_messages x (max_in_flight + 1). Held back: the source's own "
             "backlog (JetStream num_pending, Kafka/Redis group lag) stayed above zero all "
-            "through the stall, i.e. natsconn stopped reading (JetStream's num_ack_pending: "
+            "through the stall and natsconn read no more than its bound meanwhile "
+            "(natsconn_messages_in; JetStream's num_ack_pending: "
             "what natsconn holds unacknowledged, its prefetch included). ok: every message "
             "arrived "
             "after the resume and in flight stayed within the bound.", "",

@@ -243,3 +243,14 @@ def test_stall_verdict_reads_rss_in_flight_and_held_back() -> None:
                      count=1000)
     assert drained.held_back is False
     assert not drained.ok  # over the bound, and not everything delivered
+
+
+def test_stall_is_not_held_back_when_natsconn_kept_reading() -> None:
+    r = _stall([("flowing", 10, 20, {"num_pending": 900}),
+                ("stalled", 30, 50, {"num_pending": 800}),
+                ("stalled", 30, 50, {"num_pending": 700})], count=1000)
+    r.samples[0]["messages_in"], r.samples[1]["messages_in"] = 100, 130
+    r.samples[2]["messages_in"] = 140
+    assert r.read_while_stalled == 40 and r.held_back is True  # within the bound of 50
+    r.samples[2]["messages_in"] = 400
+    assert r.read_while_stalled == 300 and r.held_back is False
