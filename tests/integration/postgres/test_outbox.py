@@ -159,6 +159,61 @@ async def test_close_hands_unsettled_rows_back_at_once(
         await b.close()
 
 
+async def test_close_with_a_claim_ahead_in_flight_loses_and_repeats_nothing(
+        postgres_dsn: str, db: asyncpg.Connection, tables: Callable[[str], str]) -> None:
+    """A full claim starts the next one at once (claim ahead). close() while that
+    claim is still running in the server waits for it and hands its rows back:
+    with a 300 s lease, a new instance gets every remaining row, each once.
+
+    The claim ahead is held in the server by a trigger that waits on an advisory
+    lock this test holds, for rows past the first batch only."""
+    table = tables("ahead")
+    await _outbox_table(db, table)
+    await _insert(db, table, [b"r%03d" % i for i in range(300)])
+    lock = int.from_bytes(table.encode()[-6:], "big")
+    hold = f"{table}_hold"
+    await db.execute(f"""CREATE FUNCTION "{hold}"() RETURNS trigger LANGUAGE plpgsql AS
+        $$ BEGIN PERFORM pg_advisory_xact_lock_shared({lock}); RETURN NEW; END $$""")
+    await db.execute(f'CREATE TRIGGER hold BEFORE UPDATE ON "{table}" FOR EACH ROW '
+                     f'WHEN (NEW.id > 100) EXECUTE FUNCTION "{hold}"()')
+
+    async def claim_waiting() -> bool:
+        return bool(await db.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+            "AND wait_event = 'advisory' AND position($1 in query) > 0", f'"{table}"'))
+
+    a = await _source(postgres_dsn, table, lease=300)
+    closing: asyncio.Task[None] | None = None
+    await db.execute("SELECT pg_advisory_lock($1)", lock)
+    try:
+        first = await _read(a, max_messages=100)
+        assert first is not None
+        assert [m.data for m in first.messages] == [b"r%03d" % i for i in range(100)]
+        await first.ack.ack()
+        deadline = time.monotonic() + 10
+        while not await claim_waiting():  # rows 101-200: claimed ahead, held by the lock
+            assert time.monotonic() < deadline, "no claim ahead started"
+            await asyncio.sleep(0.05)
+        closing = asyncio.create_task(a.close())
+        await asyncio.sleep(0.5)
+        assert not closing.done(), "close() did not wait for the claim in flight"
+    finally:
+        await db.execute("SELECT pg_advisory_unlock($1)", lock)
+        if closing is None:
+            await a.close()
+    await asyncio.wait_for(closing, 15)
+    b = await _source(postgres_dsn, table, lease=300)
+    try:
+        got = await collect(b, 200, 10.0)
+        assert await collect(b, 1, 1.0) == [], "a row came twice"
+        assert await db.fetchval(f'SELECT count(*) FROM "{table}"') == 0
+    finally:
+        await b.close()
+        await db.execute(f'DROP FUNCTION "{hold}"() CASCADE')  # and the trigger
+    assert sorted(m.data for m in got) == [b"r%03d" % i for i in range(100, 300)]
+    assert len({m.id for m in got}) == 200
+
+
 async def test_create_table_mark_sent_and_notify_trigger(
         postgres_dsn: str, db: asyncpg.Connection, tables: Callable[[str], str]) -> None:
     """create_table with notify_channel adds a trigger, so an insert wakes the source
