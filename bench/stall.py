@@ -103,17 +103,25 @@ class StallResult:
         return int(rows[-1]["messages_in"] - start)
 
     @property
+    def reading_stopped(self) -> bool | None:
+        """natsconn_messages_in did not move during the second half of the stall
+        (the first half fills the window: writes already on the wire complete)."""
+        rows = [s for s in self._phase("stalled") if s.get("messages_in") is not None]
+        if len(rows) < 2:
+            return None
+        return bool(rows[len(rows) // 2]["messages_in"] == rows[-1]["messages_in"])
+
+    @property
     def held_back(self) -> bool | None:
         """The source kept the backlog while stalled: its waiting count (JetStream
         num_pending, Kafka/Redis lag) stayed above zero all through the stall, and
-        natsconn read no more than its in-flight bound meanwhile."""
+        natsconn stopped reading."""
         rows = [s for s in self._phase("stalled") if s.get("backlog")]
         if not rows:
             return None
         key = "num_pending" if "num_pending" in rows[0]["backlog"] else "lag"
-        read = self.read_while_stalled
         return (all(int(s["backlog"].get(key, 0)) > 0 for s in rows)
-                and (read is None or read <= self.bound_messages))
+                and self.reading_stopped is not False)
 
     @property
     def ok(self) -> bool:
@@ -210,9 +218,15 @@ class StallRunner:
             else:
                 result.notes.append(f"only {result.delivered:,} of {params.count:,} "
                                     f"delivered {DRAIN_LIMIT:.0f} s after the resume")
+            last = result.samples[-1] if result.samples else {}
+            if last.get("retries"):
+                result.notes.append(f"natsconn retried {int(last['retries']):,} sink "
+                                    "write(s)")
+            if last.get("reconnects"):
+                result.notes.append(f"{int(last['reconnects']):,} reconnect(s)")
             if result.delivered > params.count:
-                result.notes.append(f"{result.delivered - params.count:,} duplicates "
-                                    "(redelivered after the ack wait)")
+                result.notes.append(f"{result.delivered - params.count:,} duplicates at the "
+                                    "far side (retried writes or redeliveries)")
             self.h.say(f"{label} | RSS {result.rss_before / 2**20:.0f} MiB before, "
                        f"{result.rss_peak / 2**20:.0f} MiB peak stalled, "
                        f"{result.rss_after / 2**20:.0f} MiB after | in flight max "
@@ -252,6 +266,7 @@ class _Sampler:
             "messages_in": metrics.get("natsconn_messages_in_total"),
             "messages_out": metrics.get("natsconn_messages_out_total"),
             "reconnects": metrics.get("natsconn_reconnects_total"),
+            "retries": metrics.get("natsconn_retries_total"),
             "backlog": await self.src.backlog(self.src_place),
             "delivered": await self.dst.delivered(self.dst_place),
         }

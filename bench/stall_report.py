@@ -52,8 +52,9 @@ def markdown(results: list[StallResult], cond: dict[str, Any]) -> str:
             "In flight: natsconn_in_flight_messages (read, not yet acknowledged); the bound "
             "is batch.max_messages x (max_in_flight + 1). Held back: the source's own "
             "backlog (JetStream num_pending, Kafka/Redis group lag) stayed above zero all "
-            "through the stall and natsconn read no more than its bound meanwhile "
-            "(natsconn_messages_in; JetStream's num_ack_pending: "
+            "through the stall and natsconn stopped reading (natsconn_messages_in still "
+            "through the second half; read while stalled: what filled its window; "
+            "JetStream's num_ack_pending: "
             "what natsconn holds unacknowledged, its prefetch included). ok: every message "
             "arrived "
             "after the resume and in flight stayed within the bound.", "",

@@ -248,9 +248,10 @@ def test_stall_verdict_reads_rss_in_flight_and_held_back() -> None:
 def test_stall_is_not_held_back_when_natsconn_kept_reading() -> None:
     r = _stall([("flowing", 10, 20, {"num_pending": 900}),
                 ("stalled", 30, 50, {"num_pending": 800}),
+                ("stalled", 30, 50, {"num_pending": 700}),
                 ("stalled", 30, 50, {"num_pending": 700})], count=1000)
-    r.samples[0]["messages_in"], r.samples[1]["messages_in"] = 100, 130
-    r.samples[2]["messages_in"] = 140
-    assert r.read_while_stalled == 40 and r.held_back is True  # within the bound of 50
-    r.samples[2]["messages_in"] = 400
-    assert r.read_while_stalled == 300 and r.held_back is False
+    for row, seen in zip(r.samples, (100, 130, 140, 140), strict=True):
+        row["messages_in"] = seen
+    assert r.read_while_stalled == 40 and r.reading_stopped and r.held_back is True
+    r.samples[3]["messages_in"] = 400  # still reading late in the stall
+    assert r.reading_stopped is False and r.held_back is False
