@@ -72,6 +72,9 @@ class KafkaSourceConfig(KafkaConnectionConfig):
     topics: list[str] | None = Field(None, min_length=1, description="topics to read")
     pattern: str | None = Field(None, description="regular expression: read every topic whose "
                                 "whole name matches (instead of `topics`)")
+    metadata_max_age: Duration = Field(
+        300.0, gt=0, description="how often topic metadata is refreshed; with `pattern`, "
+        "how soon a new matching topic is read (Kafka's metadata.max.age.ms)")
     group_id: str | None = Field(None, description="consumer group; default natsconn-<pipeline>")
     start: StartPosition = Field(StartPosition.committed, description="committed: go on from "
                                  "the group's committed offsets; earliest/latest: ignore them "
@@ -195,6 +198,7 @@ class KafkaSource(Source[KafkaSourceConfig]):
             heartbeat_interval_ms=int(cfg.heartbeat_interval * 1000),
             max_poll_interval_ms=int(cfg.max_poll_interval * 1000),
             isolation_level=cfg.isolation_level.value,
+            metadata_max_age_ms=int(cfg.metadata_max_age * 1000),
             **extra,
             **options,
         )

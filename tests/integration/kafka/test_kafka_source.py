@@ -122,6 +122,28 @@ async def test_nack_with_delay_rereads_after_the_delay(kafka_bootstrap: str,
         await src.close()
 
 
+async def test_pattern_picks_up_a_topic_created_later(kafka_bootstrap: str,
+                                                    unique: str) -> None:
+    """A topic that starts to match the pattern after the source started is read
+    from its first record once the metadata is refreshed (metadata_max_age)."""
+    first, later = f"grow-{unique}-a", f"grow-{unique}-b"
+    await create_topic(kafka_bootstrap, first, partitions=1)
+    src = source(kafka_bootstrap, f"grow-{unique}", pattern=f"grow-{unique}-.*",
+                 metadata_max_age="1s")
+    await src.connect()
+    try:
+        await produce(kafka_bootstrap, first, 3)
+        got = await collect(src, 3, 20.0)
+        await create_topic(kafka_bootstrap, later, partitions=1)
+        await produce(kafka_bootstrap, later, 4, start=10)
+        got += await collect(src, 4, 30.0)
+        got += await collect(src, 100, 1.0)  # nothing more
+    finally:
+        await src.close()
+    assert sorted((m.subject, seq_of(m.data)) for m in got) == [
+        (first, 0), (first, 1), (first, 2), (later, 10), (later, 11), (later, 12), (later, 13)]
+
+
 async def test_pattern_start_latest_and_metadata_headers(kafka_bootstrap: str,
                                                          unique: str) -> None:
     topics = [f"pat-{unique}-a", f"pat-{unique}-b", f"other-{unique}"]
