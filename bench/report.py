@@ -100,6 +100,10 @@ def markdown(results: list[PairResult], cond: dict[str, Any]) -> str:
     out.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         p = r.pipeline
+        if r.error is not None:
+            out.append(f"| {r.pair.name} | {r.size} B | {r.params.count:,} | failed: "
+                       f"{r.error} | - | - | - | - | - | - | - | - |")
+            continue
         if r.pair.engine_only:
             target = f">= {_rate(r.pair.target_rate or 0)} msg/s: {_mark(r.holds)}"
             out.append(f"| {r.pair.name} (engine) | {r.size} B | {r.params.count:,} | "

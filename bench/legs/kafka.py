@@ -305,6 +305,6 @@ class Kafka(Endpoint):
 
 # core NATS / JetStream <-> Kafka (the nats and jetstream endpoints are in legs/nats.py)
 pair(Pair("nats", "kafka"))
-pair(Pair("jetstream", "kafka"))
+pair(Pair("jetstream", "kafka", quick_count=50_000))  # 10,000 are written before a poll
 pair(Pair("kafka", "jetstream"))
 pair(Pair("kafka", "nats", default=False))
