@@ -3,8 +3,12 @@
 For each pair and size, in one invocation:
 
 1. the pipeline's **maximum rate**: one throughput run as ``bench run`` does
-   (preloaded or live-fed source, timed at the far side), unless ``--max-rate``
-   gives it;
+   (preloaded or live-fed source, timed at the far side), then (``--max-from
+   live``, the default) one level offering that rate with the sender and the
+   receiver running, whose delivered rate is the maximum: on a small machine
+   the sender and receiver take CPU from natsconn and the servers, and 50 % of
+   the throughput run's rate can already overload the pipeline. ``--max-rate``
+   gives the maximum instead;
 2. the **sink's round trip** with its raw client (one write and its
    acknowledgement at a time, ``--round-trips`` of them; the median counts);
 3. for each **load level** (10 %, 50 %, 80 % of the maximum): a fresh place on
@@ -65,7 +69,9 @@ class Level:
 
     @property
     def lost(self) -> int:
-        return max(0, int(self.sent.get("sent", 0)) - int(self.received["received"]))
+        """Messages the source accepted that never reached the sink's place."""
+        accepted = int(self.sent.get("sent", 0)) - int(self.sent.get("publish_errors", 0))
+        return max(0, accepted - int(self.received["received"]))
 
     def to_json(self) -> dict[str, Any]:
         return {"fraction": self.fraction, "rate": self.rate, "count": self.count,
@@ -137,6 +143,7 @@ class LatencyOptions:
     seconds: float = 10.0  # measured sending time per level
     warmup: float = 2.0  # seconds of messages left out of the histogram, per level
     max_rate: float | None = None  # skip the throughput run
+    live_max: bool = True  # the max is what a 100 % level delivers (sender and receiver on)
     round_trips: int = 200
 
 
@@ -188,6 +195,15 @@ class LatencyRunner:
                 self.h.say(f"{time.strftime('%H:%M:%S')} {label} | max rate "
                            f"{sample.rate:,.0f} msg/s (throughput run, {sample.messages:,} "
                            "messages)")
+                if self.opts.live_max:
+                    # Offer that rate with the sender and receiver running: what arrives
+                    # is what the pipeline sustains beside them.
+                    await self.h.quiet()
+                    live = await self.level(pair, src, dst, params, 1.0, sample.rate)
+                    result.max_rate, result.max_from = live.delivered_rate, "live"
+                    self.h.say(f"{time.strftime('%H:%M:%S')} {label} | max rate under live "
+                               f"load {live.delivered_rate:,.0f} msg/s delivered of "
+                               f"{sample.rate:,.0f} offered")
             result.round_trips_ns = await self.round_trips(dst, params)
             self.h.say(f"{time.strftime('%H:%M:%S')} {label} | sink round trip median "
                        f"{result.round_trip_ms or 0:.2f} ms ({len(result.round_trips_ns)} "
