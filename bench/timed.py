@@ -75,7 +75,10 @@ async def open_loop(schedule: Schedule, size: int, write: Write,
         now = time.time_ns()
         chunks = schedule.chunks(sent, now, limit)
         if not chunks:
-            await asyncio.sleep(max(0.0, (intended(sent) - now) / 1e9))
+            # At least 1 ms: the event loop's timers have millisecond resolution
+            # (uvloop rounds a shorter sleep down to none), and a sender spinning
+            # through zero-length sleeps takes a core from the pipeline it measures.
+            await asyncio.sleep(max(0.001, (intended(sent) - now) / 1e9))
             continue
         for first, k in chunks:
             await write([stamp(i, intended(i), filler) for i in range(first, first + k)])

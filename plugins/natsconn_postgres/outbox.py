@@ -422,7 +422,6 @@ class OutboxSource(Source[OutboxSourceConfig]):
             except Exception:
                 pool.terminate()
 
-
     async def _finish_ahead(self) -> None:
         """Let a claim still running ahead end, so that its rows are known and can be
         released. Cancelled after ``connect_timeout``: rows it had leased then come
