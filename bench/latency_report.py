@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
 from .latency import PairLatency
+from .results_io import write_results
 
 
 def _ms(ns: int | None) -> str:
@@ -59,14 +59,7 @@ def markdown(results: list[PairLatency], cond: dict[str, Any]) -> str:
 
 def write(results: list[PairLatency], cond: dict[str, Any],
           out_dir: Path) -> tuple[Path, Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    json_path = out_dir / f"latency-{stamp}.json"
-    json_path.write_text(json.dumps(
-        {"conditions": cond, "results": [r.to_json() for r in results]}, indent=1))
-    md_path = out_dir / "latency-latest.md"
-    md_path.write_text(markdown(results, cond))
-    return json_path, md_path
+    return write_results("latency", results, cond, out_dir, markdown)
 
 
 def load(path: Path) -> tuple[list[PairLatency], dict[str, Any]]:

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
-import time
 from pathlib import Path
 from typing import Any
 
+from .results_io import write_results
 from .stall import StallResult
 
 
@@ -66,11 +65,4 @@ def markdown(results: list[StallResult], cond: dict[str, Any]) -> str:
 
 def write(results: list[StallResult], cond: dict[str, Any],
           out_dir: Path) -> tuple[Path, Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    json_path = out_dir / f"stall-{stamp}.json"
-    json_path.write_text(json.dumps(
-        {"conditions": cond, "results": [r.to_json() for r in results]}, indent=1))
-    md_path = out_dir / "stall-latest.md"
-    md_path.write_text(markdown(results, cond))
-    return json_path, md_path
+    return write_results("stall", results, cond, out_dir, markdown)

@@ -60,6 +60,17 @@ def round_trip(name: str) -> Callable[[RoundTrip], RoundTrip]:
     return register
 
 
+async def time_each(n: int, op: Callable[[], Awaitable[object]]) -> list[int]:
+    """``op`` run ``n`` times one after the other; each one's duration in ns."""
+    out = []
+    clock = time.perf_counter_ns
+    for _ in range(n):
+        t0 = clock()
+        await op()
+        out.append(clock() - t0)
+    return out
+
+
 async def open_loop(schedule: Schedule, size: int, write: Write,
                     limit: int = CHUNK) -> dict[str, Any]:
     """Send ``schedule`` through ``write``: whatever is due, stamped with its intended

@@ -341,10 +341,11 @@ class JetStream(_NatsBase):
         await nc.close()
         return sample
 
-    async def _consumer(self, nc: NATS, place: Place, deliver: str | None) -> None:
+    async def _consumer(self, nc: NATS, place: Place, deliver: str | None,
+                        max_ack_pending: int = 20_000) -> None:
         config = api.ConsumerConfig(
             durable_name=place["durable"], ack_policy=api.AckPolicy.EXPLICIT,
-            ack_wait=30, max_ack_pending=20_000, deliver_subject=deliver,
+            ack_wait=30, max_ack_pending=max_ack_pending, deliver_subject=deliver,
             max_waiting=None if deliver else 512)
         await nc.jetstream().add_consumer(place["stream"], config)
 
@@ -415,7 +416,12 @@ class JetStream(_NatsBase):
     async def consume_push(self, place: Place, params: Params, ready: Ready) -> Sample:
         nc = await connect(self.env, "bench-js-push")
         deliver = nc.new_inbox()
-        n, batch = params.count, params.batch
+        # A push consumer sends up to max_ack_pending messages unasked: bound them by
+        # bytes as the pull window is (prefetch_bytes), or large messages overrun the
+        # server's per-client pending limit and it cuts the connection (slow consumer);
+        # ack at least every half window so the flow never waits for a whole batch.
+        unacked = max(min(20_000, params.prefetch_bytes // max(params.size, 1)), 2)
+        n, batch = params.count, min(params.batch, unacked // 2)
         count = 0
         replies: list[str] = []
         done = asyncio.get_running_loop().create_future()
@@ -438,7 +444,7 @@ class JetStream(_NatsBase):
         await nc.subscribe(deliver, cb=on_msg, pending_msgs_limit=-1, pending_bytes_limit=-1)
         await ready()
         watch = Stopwatch()
-        await self._consumer(nc, place, deliver)
+        await self._consumer(nc, place, deliver, unacked)
         await asyncio.wait_for(done, 300)
         sample = watch.sample(count)
         sample.notes += await self._acked(nc, place, n)

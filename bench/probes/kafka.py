@@ -18,7 +18,7 @@ from ..endpoint import Ready
 from ..legs.kafka import DEFAULT_BOOTSTRAP, MAX_BATCH_SIZE, MAX_REQUEST_SIZE
 from ..model import Params, Place
 from ..schedule import MIN_SIZE, Schedule
-from ..timed import Arrivals, open_loop, receiver, round_trip, sender
+from ..timed import Arrivals, open_loop, receiver, round_trip, sender, time_each
 
 
 def _producer(env: dict[str, str], client_id: str) -> AIOKafkaProducer:
@@ -105,10 +105,6 @@ async def round_trip_kafka(env: dict[str, str], place: Place, params: Params,
     await producer.start()
     data = bytes(max(params.size, MIN_SIZE))
     await producer.send_and_wait(place["topic"], data)  # metadata, connection
-    out = []
-    for _ in range(n):
-        t0 = time.perf_counter_ns()
-        await producer.send_and_wait(place["topic"], data, partition=0)
-        out.append(time.perf_counter_ns() - t0)
+    out = await time_each(n, lambda: producer.send_and_wait(place["topic"], data, partition=0))
     await producer.stop()
     return out

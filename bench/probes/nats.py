@@ -17,7 +17,7 @@ from ..endpoint import Ready
 from ..legs.nats import DEFAULT_URL, connect
 from ..model import Params, Place
 from ..schedule import MIN_SIZE, Schedule
-from ..timed import Arrivals, open_loop, receiver, round_trip, sender
+from ..timed import Arrivals, open_loop, receiver, round_trip, sender, time_each
 
 
 async def _client(env: dict[str, str], name: str) -> Client:
@@ -121,12 +121,12 @@ async def round_trip_core(env: dict[str, str], place: Place, params: Params,
     """One publish and a flush (PING/PONG): the server has it once PONG is back."""
     nc = await connect(env, "bench-rtt")
     data = bytes(max(params.size, MIN_SIZE))
-    out = []
-    for _ in range(n):
-        t0 = time.perf_counter_ns()
+
+    async def publish_and_flush() -> None:
         await nc.publish(place["subject"], data)
         await nc.flush()
-        out.append(time.perf_counter_ns() - t0)
+
+    out = await time_each(n, publish_and_flush)
     await nc.close()
     return out
 
@@ -137,10 +137,6 @@ async def round_trip_jetstream(env: dict[str, str], place: Place, params: Params
     """One publish and its PubAck (a request to the stream's subject)."""
     nc = await connect(env, "bench-rtt")
     data = bytes(max(params.size, MIN_SIZE))
-    out = []
-    for _ in range(n):
-        t0 = time.perf_counter_ns()
-        await nc.request(place["subject"], data, timeout=10)
-        out.append(time.perf_counter_ns() - t0)
+    out = await time_each(n, lambda: nc.request(place["subject"], data, timeout=10))
     await nc.close()
     return out

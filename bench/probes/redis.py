@@ -10,7 +10,7 @@ from ..endpoint import Ready
 from ..legs.redis import DEFAULT_URL, _client
 from ..model import Params, Place
 from ..schedule import MIN_SIZE, Schedule
-from ..timed import Arrivals, open_loop, receiver, round_trip, sender
+from ..timed import Arrivals, open_loop, receiver, round_trip, sender, time_each
 
 
 @sender("redis_stream")
@@ -73,11 +73,7 @@ async def round_trip_redis_stream(env: dict[str, str], place: Place, params: Par
     r = _client(env.get("REDIS_URL", DEFAULT_URL), "bench-rtt", 1)
     await r.ping()
     data = bytes(max(params.size, MIN_SIZE))
-    out = []
-    for _ in range(n):
-        t0 = time.perf_counter_ns()
-        await r.execute_command(  # type: ignore[no-untyped-call]
-            "XADD", place["stream"], "*", "data", data, "subject", "rtt")
-        out.append(time.perf_counter_ns() - t0)
+    out = await time_each(n, lambda: r.execute_command(  # type: ignore[no-untyped-call]
+        "XADD", place["stream"], "*", "data", data, "subject", "rtt"))
     await r.aclose()
     return out
