@@ -59,6 +59,8 @@ class NatsConnectionConfig(PluginConfig):
 _INVALID_SUBJECT = re.compile(r"[ \t\r\n]")
 _HEADER_KEY = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _CHUNK = 1024 * 1024  # bytes of commands handed to the client at a time
+# Our own PING object, told apart from other pending commands by identity.
+_PING = bytes(bytearray(b"PING\r\n"))
 _GOOD_SUBJECTS: set[str] = set()  # subjects and header names already checked
 _GOOD_KEYS: set[str] = set()
 
@@ -217,6 +219,33 @@ class Client(NATS):
         self.stats["out_bytes"] += nbytes
         if self._flush_queue is not None and self._flush_queue.empty():
             await self._flush_pending()
+
+    async def _send_ping(self, future: asyncio.Future[Any] | None = None) -> None:
+        """PING queued behind the data not yet written, never ahead of it.
+
+        nats-py writes a PING straight to the transport while earlier publishes may
+        still wait in its pending buffer (the flusher is stuck in ``drain()`` while
+        the socket is backed up, as after a stall). The server then answers PONG
+        before it has those publishes, ``flush()`` confirms a batch the server does
+        not have, and a connection lost just then loses it although it was
+        acknowledged at the source. Queued in order, the PONG means what a flush
+        promises: everything written before it has arrived.
+        """
+        if future is None:
+            future = asyncio.Future()
+        self._pongs.append(future)
+        self._pending.append(_PING)
+        self._pending_data_size += len(_PING)
+        await self._flush_pending()
+
+    async def _process_connect_init(self) -> None:
+        """On every (re)connect nats-py forgets the PONGs it waited for; a PING of
+        ours still queued would then be sent on the new connection and its PONG
+        taken for a later flush's. Drop them with their forgotten futures."""
+        await super()._process_connect_init()
+        if any(c is _PING for c in self._pending):
+            self._pending = [c for c in self._pending if c is not _PING]
+            self._pending_data_size = sum(len(c) for c in self._pending)
 
     async def _process_pong(self) -> None:
         if self._pongs:
