@@ -29,7 +29,7 @@ import socket
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +51,19 @@ PAIRS = ["jetstream:jetstream", "jetstream:kafka", "kafka:jetstream", "jetstream
 
 
 # ---------------------------------------------------------------------- ends
+
+
+@contextlib.asynccontextmanager
+async def _kafka_admin() -> AsyncIterator[Any]:
+    """An aiokafka admin client for the soak's topics, closed after use."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=KAFKA)
+    await admin.start()
+    try:
+        yield admin
+    finally:
+        await admin.close()
 
 
 @dataclass
@@ -121,28 +134,18 @@ def source_end(kind: str, tag: str, c: Clients) -> End:
         topic = f"soak-in-{tag}"
 
         async def setup() -> None:
-            from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+            from aiokafka.admin import NewTopic
 
-            admin = AIOKafkaAdminClient(bootstrap_servers=KAFKA)
-            await admin.start()
-            try:
+            async with _kafka_admin() as admin:
                 await admin.create_topics([NewTopic(topic, 3, 1)])
-            finally:
-                await admin.close()
 
         async def produce(first: int, n: int) -> None:
             batch = [await c.kafka.send(topic, PAYLOAD % i) for i in range(first, first + n)]
             await asyncio.gather(*batch)
 
         async def cleanup() -> None:
-            from aiokafka.admin import AIOKafkaAdminClient
-
-            admin = AIOKafkaAdminClient(bootstrap_servers=KAFKA)
-            await admin.start()
-            try:
+            async with _kafka_admin() as admin:
                 await admin.delete_topics([topic])
-            finally:
-                await admin.close()
 
         return End({"type": "kafka", "bootstrap_servers": [KAFKA], "topics": [topic]}, setup,
                    produce, None, cleanup)
@@ -221,14 +224,9 @@ def sink_end(kind: str, tag: str, c: Clients) -> End:
 
         async def count() -> int:
             from aiokafka import AIOKafkaConsumer, TopicPartition
-            from aiokafka.admin import AIOKafkaAdminClient
 
-            admin = AIOKafkaAdminClient(bootstrap_servers=KAFKA)
-            await admin.start()
-            try:
+            async with _kafka_admin() as admin:
                 described = await admin.describe_topics([topic])
-            finally:
-                await admin.close()
             parts = [TopicPartition(topic, p["partition"]) for d in described
                      for p in d.get("partitions") or []]
             if not parts:
@@ -241,14 +239,8 @@ def sink_end(kind: str, tag: str, c: Clients) -> End:
                 await consumer.stop()
 
         async def cleanup() -> None:
-            from aiokafka.admin import AIOKafkaAdminClient
-
-            admin = AIOKafkaAdminClient(bootstrap_servers=KAFKA)
-            await admin.start()
-            try:
+            async with _kafka_admin() as admin:
                 await admin.delete_topics([topic])
-            finally:
-                await admin.close()
 
         return End({"type": "kafka", "bootstrap_servers": [KAFKA], "topic": topic}, None,
                    None, count, cleanup)
