@@ -8,11 +8,15 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 from .registry import BROKEN, ENDPOINTS, PAIRS, Pair, load_all, parse_pair
 from .runner import REPO, BenchError, Harness, Options
 from .sizing import BYTE_BUDGET, DEFAULT_SIZES, QUICK_BYTE_BUDGET, parse_sizes
+
+R = TypeVar("R")
 
 DEFAULT_LATENCY_PAIRS = ("nats:jetstream", "jetstream:nats", "jetstream:kafka",
                          "kafka:jetstream", "nats:redis_stream", "redis_stream:nats",
@@ -281,12 +285,7 @@ def _latency(args: argparse.Namespace) -> int:
                          live_max=args.max_from == "live",
                          round_trips=50 if args.quick else args.round_trips)
     started = time.time()
-
-    async def go() -> tuple[list, dict]:  # type: ignore[type-arg]
-        async with Harness(opts) as harness:
-            return await LatencyRunner(harness, lat).run(), harness.describe()
-
-    results, described = asyncio.run(go())
+    results, described = _under_harness(opts, lambda h: LatencyRunner(h, lat).run())
     cond = report.conditions(opts, described, started, kind="latency")
     cond.update(load_levels=", ".join(f"{x:.0%}" for x in levels),
                 seconds_per_level=f"{lat.seconds:g} s measured after {lat.warmup:g} s left out",
@@ -294,10 +293,25 @@ def _latency(args: argparse.Namespace) -> int:
                 max_from=("--max-rate" if lat.max_rate else
                           "what a 100% level delivered with sender and receiver running"
                           if lat.live_max else "a throughput run (preloaded source)"))
-    json_path, md_path = latency_report.write(results, cond, Path(args.out))
-    print(latency_report.markdown(results, cond))
-    print(f"wrote {json_path} and {md_path}", file=sys.stderr)
+    _publish(latency_report.write(results, cond, Path(args.out)),
+             latency_report.markdown(results, cond))
     return 0 if all(r.error is None for r in results) else 1
+
+
+def _under_harness(opts: Options, run: Callable[[Harness], Awaitable[list[R]]]
+                   ) -> tuple[list[R], dict[str, Any]]:
+    """``run`` with the services started and the harness open; its results and
+    the harness's description of the machine and versions."""
+    async def go() -> tuple[list[R], dict[str, Any]]:
+        async with Harness(opts) as harness:
+            return await run(harness), harness.describe()
+
+    return asyncio.run(go())
+
+
+def _publish(paths: tuple[Path, Path], markdown: str) -> None:
+    print(markdown)
+    print(f"wrote {paths[0]} and {paths[1]}", file=sys.stderr)
 
 
 def _stall(args: argparse.Namespace) -> int:
@@ -308,17 +322,11 @@ def _stall(args: argparse.Namespace) -> int:
     opts = _options(args, select(args.pairs, DEFAULT_STALL_PAIRS), [args.size])
     st = StallOptions(seconds=5.0 if args.quick else args.seconds, count=args.count)
     started = time.time()
-
-    async def go() -> tuple[list, dict]:  # type: ignore[type-arg]
-        async with Harness(opts) as harness:
-            return await StallRunner(harness, st).run(), harness.describe()
-
-    results, described = asyncio.run(go())
+    results, described = _under_harness(opts, lambda h: StallRunner(h, st).run())
     cond = report.conditions(opts, described, started, kind="stall")
     cond.update(stall_seconds=st.seconds, sample_interval=f"{st.interval:g} s")
-    json_path, md_path = stall_report.write(results, cond, Path(args.out))
-    print(stall_report.markdown(results, cond))
-    print(f"wrote {json_path} and {md_path}", file=sys.stderr)
+    _publish(stall_report.write(results, cond, Path(args.out)),
+             stall_report.markdown(results, cond))
     return 0 if all(r.ok for r in results) else 1
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from .latency import PairLatency
-from .results_io import write_results
+from .results_io import conditions_section, write_results
 
 
 def _ms(ns: int | None) -> str:
@@ -50,10 +50,8 @@ def markdown(results: list[PairLatency], cond: dict[str, Any]) -> str:
             "behind adds its delay), from a log-bucket histogram (values within 0.8 %); the "
             "first seconds of each level are left out. Other cores: CPU used by processes "
             "outside the measurement (other people's work on a shared machine). Target "
-            "(issue #8): p99 at 50 % load <= linger + 2 x sink round trip + 5 ms.", "",
-            "## Conditions", ""]
-    out += [f"- {k}: {v}" for k, v in cond.items()]
-    out.append("")
+            "(issue #8): p99 at 50 % load <= linger + 2 x sink round trip + 5 ms.", ""]
+    out += conditions_section(cond)
     return "\n".join(out)
 
 

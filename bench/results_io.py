@@ -17,6 +17,11 @@ class _Result(Protocol):
 R = TypeVar("R", bound=_Result)
 
 
+def conditions_section(cond: dict[str, Any]) -> list[str]:
+    """The "Conditions" part every results page ends with."""
+    return ["## Conditions", "", *(f"- {k}: {v}" for k, v in cond.items()), ""]
+
+
 def write_results(kind: str, results: list[R], cond: dict[str, Any], out_dir: Path,
                   markdown: Callable[[list[R], dict[str, Any]], str]) -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)

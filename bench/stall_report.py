@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .results_io import write_results
+from .results_io import conditions_section, write_results
 from .stall import StallResult
 
 
@@ -56,10 +56,8 @@ def markdown(results: list[StallResult], cond: dict[str, Any]) -> str:
             "JetStream's num_ack_pending: "
             "what natsconn holds unacknowledged, its prefetch included). ok: every message "
             "arrived "
-            "after the resume and in flight stayed within the bound.", "",
-            "## Conditions", ""]
-    out += [f"- {k}: {v}" for k, v in cond.items()]
-    out.append("")
+            "after the resume and in flight stayed within the bound.", ""]
+    out += conditions_section(cond)
     return "\n".join(out)
 
 
