@@ -23,7 +23,7 @@ class BufferAge:
     __slots__ = ("_marks", "pushed", "taken")
 
     def __init__(self) -> None:
-        self.pushed = 0  # messages pushed into the buffer, ever
+        self.pushed = 0  # messages pushed into the buffer, ever (as of the last tick)
         self.taken = 0  # messages taken out of it, ever
         self._marks: deque[tuple[float, int]] = deque()
 

@@ -184,7 +184,6 @@ class JetStreamSource(Source[JetStreamSourceConfig]):
         self._requested -= 1
         self._avg_size += (len(data) - self._avg_size) * 0.01
         self._buffer.push((subject, reply, data, headers))
-        self._age.pushed += 1
         if self._closing and self._requested <= 0:
             self._requests_done.set()
 
@@ -262,6 +261,9 @@ class JetStreamSource(Source[JetStreamSourceConfig]):
         while True:
             await asyncio.sleep(tick)
             now = time.monotonic()
+            # Everything pushed is taken or still buffered: counted here, once a
+            # tick, rather than once per message in the read loop.
+            self._age.pushed = self._age.taken + len(self._buffer)
             self._age.mark(now)
             if self._age.oldest_wait(now) < ack_wait / 3:
                 continue
