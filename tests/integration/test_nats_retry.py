@@ -18,6 +18,7 @@ import pytest
 from nats.aio.client import Client as NATS
 from natsconn_nats.jetstream_sink import JetStreamSink, JetStreamSinkConfig
 from natsconn_nats.jetstream_source import JetStreamSource
+from natsconn_nats.sink import NatsSink
 
 from connector import Message, RetryableError
 from connector.registry import Registry
@@ -29,6 +30,7 @@ from .helpers import (
     consumer_info,
     create_stream,
     local_metric,
+    payload,
     pipeline_file,
     publish_js,
     read_stream,
@@ -238,3 +240,61 @@ async def test_jetstream_sink_write_fails_at_once_when_the_connection_drops(
         await sink.close()
     got = await read_stream(nc, target)
     assert sorted(int(m.data) for m in got) == list(range(100))
+
+
+async def test_core_nats_sink_retries_during_a_stall_send_each_message_once(
+        nc: NATS, nats_address: tuple[str, int], unique: str, tcp_proxy: Any) -> None:
+    """A stall longer than flush_timeout fails the write, and the retries fail
+    too while it lasts; but the connection stays up and the first attempt's
+    bytes are still queued in it. The retries must not queue the batch again:
+    when the stall ends every message arrives once, not once per attempt."""
+    out = await Collector.subscribe(nc, f"stallonce.{unique}.>")
+    proxy = await tcp_proxy(*nats_address)
+    sink = NatsSink.make_test_instance(
+        servers=[f"nats://{proxy.address}"], subject=f"stallonce.{unique}.x",
+        flush_timeout=0.3, reconnect_wait="100ms")
+    await sink.connect()
+    first = [Message(payload(i)) for i in range(1000)]
+    second = [Message(payload(i)) for i in range(1000, 1500)]
+    try:
+        proxy.stall()
+        for _ in range(3):
+            with pytest.raises(RetryableError, match="[Ff]lush"):
+                await sink.write_batch(first)
+        proxy.resume()
+        await sink.write_batch(first)  # the retry that sees the stall over
+        await sink.write_batch(second)
+        await out.wait_for(1500, timeout=10)
+        await asyncio.sleep(0.5)  # room for copies that should not come
+    finally:
+        await sink.close()
+    assert_exactly(out.seqs(), 1500, "core subscriber")
+
+
+async def test_core_nats_sink_publishes_again_after_a_reconnect(
+        nc: NATS, nats_address: tuple[str, int], unique: str, tcp_proxy: Any) -> None:
+    """What was queued for a connection that is then lost may be gone: after a
+    reconnect, the retry of a batch whose flush timed out publishes it again."""
+    out = await Collector.subscribe(nc, f"stallcut.{unique}.>")
+    proxy = await tcp_proxy(*nats_address)
+    sink = NatsSink.make_test_instance(
+        servers=[f"nats://{proxy.address}"], subject=f"stallcut.{unique}.x",
+        flush_timeout=0.3, reconnect_wait="100ms")
+    await sink.connect()
+    batch = [Message(payload(i)) for i in range(1000)]
+    try:
+        proxy.stall()
+        with pytest.raises(RetryableError):
+            await sink.write_batch(batch)
+        proxy.cut()  # the held bytes are dropped with the connection
+        proxy.resume()
+        for _ in range(50):  # as the engine would: retry until the reconnect is done
+            try:
+                await sink.write_batch(batch)
+                break
+            except RetryableError:
+                await asyncio.sleep(0.1)
+        await out.wait_for(1000, timeout=10)
+    finally:
+        await sink.close()
+    assert_all_present(out.seqs(), 1000, "core subscriber")
