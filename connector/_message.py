@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 _EMPTY: Mapping[str, str] = {}
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, weakref_slot=True)
 class Message:
     """One message on its way from a source to a sink.
 

@@ -1,12 +1,7 @@
 """The ``nats`` sink: core NATS publish, flushed per batch.
 
-A flush that times out while the connection stays up leaves the batch's bytes
-queued in the client (and the socket) ahead of anything written later: when
-the server reads again they arrive, in order. Publishing them again on the
-retry would deliver every one twice and grow the client's buffer by a batch
-per retry round, so the sink remembers such messages and their retry only
-waits for a new flush. A reconnect forgets them: what was queued for the lost
-connection may be gone, so it is published again.
+A flush that times out on a connection that stays up leaves the batch queued in
+the client; its retry then only waits for a new flush (see :mod:`.queued`).
 """
 
 from __future__ import annotations
@@ -29,6 +24,7 @@ from connector import (
 )
 
 from .connection import Client, NatsConnectionConfig, encode_publish, nats_error, open_connection
+from .queued import QueuedWrites
 
 
 class NatsSinkConfig(NatsConnectionConfig):
@@ -47,25 +43,14 @@ class NatsSink(Sink[NatsSinkConfig]):
         self._template = AddressTemplate(self.config.subject)
         # Resolved, and replaced, at each reconnect (see _flush).
         self._reconnect: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        # id(message) -> (message, write number) for messages queued on the
-        # current connection whose flush timed out (see the module docstring).
-        # The message is held so that its id cannot be reused by another.
-        self._queued: dict[int, tuple[Message, int]] = {}
-        self._writes = 0
+        self._queued = QueuedWrites()
+        self._writes = 0  # numbers each flush, after the data it confirms was queued
         self._nc: Client = await open_connection(self.config, self.context, self._on_reconnect)
 
     async def _on_reconnect(self) -> None:
         done, self._reconnect = self._reconnect, asyncio.get_running_loop().create_future()
-        self._queued.clear()
+        self._queued.connection_lost()
         done.set_result(None)
-
-    def _confirmed(self, write: int) -> None:
-        """A flush that followed write number ``write`` came back: everything
-        queued before it reached the server."""
-        queued = self._queued
-        if queued:
-            for key in [k for k, (_, w) in queued.items() if w <= write]:
-                del queued[key]
 
     async def _flush(self, reconnect: asyncio.Future[None]) -> None:
         """``nc.flush()``, but give up as soon as the connection was replaced.
@@ -99,16 +84,12 @@ class NatsSink(Sink[NatsSinkConfig]):
                 except TimeoutError:
                     raise RetryableError("nats: not connected (reconnecting)") from None
             reconnect = self._reconnect
-            self._writes += 1
-            write = self._writes
             queued = self._queued
             commands: list[bytes] = []
             nbytes = 0
             for i, m in enumerate(messages):
-                if queued:
-                    held = queued.get(id(m))
-                    if held is not None and held[0] is m:
-                        continue  # still on its way from an earlier attempt
+                if queued and queued.held(m):
+                    continue  # queued or delivered by an earlier attempt
                 subject = ""
                 try:
                     subject = render(m)
@@ -126,15 +107,15 @@ class NatsSink(Sink[NatsSinkConfig]):
                     rejected[i] = RejectedError(f"header NATS cannot carry: {exc}")
             if commands:
                 await nc.send_encoded(commands, len(commands), nbytes)
+            self._writes += 1
+            write = self._writes
             try:
                 await self._flush(reconnect)
             except FlushTimeoutError:
                 if not reconnect.done():  # same connection: the bytes are still queued
-                    for i, m in enumerate(messages):
-                        if i not in rejected and id(m) not in queued:
-                            queued[id(m)] = (m, write)
+                    queued.timed_out(messages, write, skip=rejected)
                 raise
-            self._confirmed(write)
+            queued.flushed(messages, write)
         except RetryableError:
             raise
         except Exception as exc:
