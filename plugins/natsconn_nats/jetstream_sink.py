@@ -5,6 +5,12 @@ one long-lived inbox; the batch is written when every PubAck is in. That is
 one round trip per batch, not per message. ``Nats-Msg-Id`` from
 ``Message.id`` lets the stream drop the duplicates that a retry or a crash
 would otherwise add (within the stream's duplicate window).
+
+When PubAcks time out on a connection that stays up, the server may simply
+not be reading (a stalled connection): the publishes are still queued in the
+client. Publishing again would pile a copy of the batch into the client's
+buffer at every retry round, so after such a timeout the next write first
+asks for a PONG, and publishes only once the connection moves again.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import json
 from collections.abc import Sequence
 
 from nats.aio.subscription import Subscription
-from nats.errors import BadHeaderError, BadSubjectError
+from nats.errors import BadHeaderError, BadSubjectError, FlushTimeoutError
 from nats.js.errors import NotFoundError
 from pydantic import Field
 
@@ -77,6 +83,8 @@ class JetStreamSink(Sink[JetStreamSinkConfig]):
         cfg = self.config
         self._template = AddressTemplate(cfg.subject)
         self._batches: dict[str, _InFlight] = {}
+        # PubAcks timed out on the current connection: see the module docstring.
+        self._unanswered = False
         self._nc: Client = await open_connection(cfg, self.context,
                                                  disconnected=self._on_disconnect)
         if cfg.stream and cfg.stream_subjects:
@@ -119,14 +127,33 @@ class JetStreamSink(Sink[JetStreamSinkConfig]):
         waits of the batches in flight now rather than after ``ack_timeout``. Their
         retries carry the same Nats-Msg-Id, so what the server stored is not stored
         twice."""
+        self._unanswered = False  # a new connection: nothing queued on it
         for state in self._batches.values():
             state.lost = True
             if not state.done.done():
                 state.done.set_result(None)
 
+    async def _wait_until_moving(self) -> None:
+        """After PubAcks timed out: publish nothing until a PONG shows the server
+        reads this connection again (or a reconnect replaced it)."""
+        try:
+            await self._nc.flush(timeout=self.config.ack_timeout)  # type: ignore[arg-type]
+        except FlushTimeoutError:
+            raise RetryableError(
+                f"no PubAck and no PONG within {self.config.ack_timeout}s: the "
+                "connection is stalled; earlier publishes are still queued") from None
+        self._unanswered = False
+
     async def write_batch(self, messages: Sequence[Message]) -> None:
         cfg = self.config
         nc = self._nc
+        if self._unanswered and nc.is_connected:
+            try:
+                await self._wait_until_moving()
+            except ConnectorError:
+                raise
+            except Exception as exc:
+                raise nats_error(exc) from exc
         batch_id = str(next(self._ids))
         state = _InFlight(len(messages))
         self._batches[batch_id] = state
@@ -175,6 +202,8 @@ class JetStreamSink(Sink[JetStreamSinkConfig]):
                     missing = f"no PubAck within {cfg.ack_timeout}s"
                 if state.lost:
                     missing = "connection to the server lost before the PubAck came"
+                elif missing:
+                    self._unanswered = True
                 if missing:
                     for i in range(len(messages)):
                         if not state.seen[i]:

@@ -303,3 +303,36 @@ async def test_core_nats_sink_publishes_again_after_a_reconnect(
     finally:
         await sink.close()
     assert_all_present(out.seqs(), 1000, "core subscriber")
+
+
+async def test_jetstream_sink_publishes_nothing_more_while_the_connection_stays_stalled(
+        nc: NATS, nats_address: tuple[str, int], unique: str, tcp_proxy: Any) -> None:
+    """PubAcks time out because the connection is stalled, not broken: the
+    publishes are still queued in the client. The retries during the stall must
+    not queue the batch again (a copy per retry round); once the connection
+    moves, the retry publishes once more. With deduplication off the stream
+    shows it: two copies of each message (the queued one and the retry's),
+    not one per attempt."""
+    target = f"JSSTALL_{unique}"
+    await create_stream(nc, target, [f"jsstall.{unique}.>"])
+    proxy = await tcp_proxy(*nats_address)
+    sink = JetStreamSink.make_test_instance(
+        servers=[f"nats://{proxy.address}"], subject=f"jsstall.{unique}.x",
+        ack_timeout=0.3, dedupe=False, reconnect_wait="100ms")
+    await sink.connect()
+    messages = [Message(payload(i)) for i in range(1000)]
+    try:
+        proxy.stall()
+        with pytest.raises(RetryableError, match="no PubAck within"):
+            await sink.write_batch(messages)
+        for _ in range(3):
+            with pytest.raises(RetryableError, match="connection is stalled"):
+                await sink.write_batch(messages)
+        proxy.resume()
+        await sink.write_batch(messages)
+    finally:
+        await sink.close()
+    got = await read_stream(nc, target)
+    seqs = sorted(seq_of(m.data) for m in got)
+    assert seqs == sorted(list(range(1000)) * 2), (
+        f"{len(seqs)} messages stored for 1000 (expected each twice)")
