@@ -242,6 +242,17 @@ async def test_jetstream_sink_write_fails_at_once_when_the_connection_drops(
     assert sorted(int(m.data) for m in got) == list(range(100))
 
 
+async def write_as_the_engine_would(sink: NatsSink, batch: list[Message]) -> None:
+    """Retry a retryable failure, 0.1 s apart, for up to 10 s."""
+    for _ in range(100):
+        try:
+            await sink.write_batch(batch)
+            return
+        except RetryableError:
+            await asyncio.sleep(0.1)
+    raise AssertionError("the write kept failing for 10 s")
+
+
 @pytest.mark.parametrize("retry_first", [True, False],
                          ids=["retry-then-next-batch", "next-batch-then-retry"])
 async def test_core_nats_sink_retries_during_a_stall_send_each_message_once(
@@ -257,7 +268,7 @@ async def test_core_nats_sink_retries_during_a_stall_send_each_message_once(
     proxy = await tcp_proxy(*nats_address)
     sink = NatsSink.make_test_instance(
         servers=[f"nats://{proxy.address}"], subject=f"stallonce.{unique}.x",
-        flush_timeout=0.3, reconnect_wait="100ms")
+        flush_timeout=1.0, reconnect_wait="100ms")
     await sink.connect()
     first = [Message(payload(i)) for i in range(1000)]
     second = [Message(payload(i)) for i in range(1000, 1500)]
@@ -268,7 +279,7 @@ async def test_core_nats_sink_retries_during_a_stall_send_each_message_once(
                 await sink.write_batch(first)
         proxy.resume()
         for batch in ([first, second] if retry_first else [second, first]):
-            await sink.write_batch(batch)
+            await write_as_the_engine_would(sink, batch)
         await out.wait_for(1500, timeout=10)
         await asyncio.sleep(0.5)  # room for copies that should not come
     finally:
@@ -284,7 +295,7 @@ async def test_core_nats_sink_publishes_again_after_a_reconnect(
     proxy = await tcp_proxy(*nats_address)
     sink = NatsSink.make_test_instance(
         servers=[f"nats://{proxy.address}"], subject=f"stallcut.{unique}.x",
-        flush_timeout=0.3, reconnect_wait="100ms")
+        flush_timeout=1.0, reconnect_wait="100ms")
     await sink.connect()
     batch = [Message(payload(i)) for i in range(1000)]
     try:
@@ -293,12 +304,7 @@ async def test_core_nats_sink_publishes_again_after_a_reconnect(
             await sink.write_batch(batch)
         proxy.cut()  # the held bytes are dropped with the connection
         proxy.resume()
-        for _ in range(50):  # as the engine would: retry until the reconnect is done
-            try:
-                await sink.write_batch(batch)
-                break
-            except RetryableError:
-                await asyncio.sleep(0.1)
+        await write_as_the_engine_would(sink, batch)  # retried until reconnected
         await out.wait_for(1000, timeout=10)
     finally:
         await sink.close()
@@ -318,7 +324,7 @@ async def test_jetstream_sink_publishes_nothing_more_while_the_connection_stays_
     proxy = await tcp_proxy(*nats_address)
     sink = JetStreamSink.make_test_instance(
         servers=[f"nats://{proxy.address}"], subject=f"jsstall.{unique}.x",
-        ack_timeout=0.3, dedupe=False, reconnect_wait="100ms")
+        ack_timeout=1.0, dedupe=False, reconnect_wait="100ms")
     await sink.connect()
     messages = [Message(payload(i)) for i in range(1000)]
     try:
