@@ -60,6 +60,10 @@ class PostgresConnectionConfig(PluginConfig):
     pool_size: int = Field(4, ge=1, le=1000, description="most connections this plugin opens")
     statement_timeout: Duration = Field(
         60.0, description="server-side limit per statement; 0 for none")
+    command_timeout: Duration | None = Field(
+        None, gt=0, description="client-side limit per command: past it a stalled or dead "
+        "connection is given up and the write retried on a new one; default "
+        "statement_timeout + 10s (none when statement_timeout is 0)")
     connect_timeout: Duration = Field(10.0, gt=0, description="longest wait for a connection")
     reconnect_wait: Duration = Field(0.5, gt=0, description="first wait before reconnecting; "
                                      "doubles up to reconnect_wait_max")
@@ -157,7 +161,22 @@ def connect_kwargs(cfg: PostgresConnectionConfig, context: PluginContext) -> dic
     if cfg.statement_timeout > 0:
         settings["statement_timeout"] = str(max(1, int(cfg.statement_timeout * 1000)))
     kwargs["server_settings"] = settings
+    command_timeout = command_timeout_of(cfg)
+    if command_timeout is not None:
+        kwargs["command_timeout"] = command_timeout
     return kwargs
+
+
+def command_timeout_of(cfg: PostgresConnectionConfig) -> float | None:
+    """How long the client waits for any one command. Without a limit, a server
+    that stops answering with the connection still open (a stall, a dead host
+    without a reset) holds a write until the kernel gives the socket up, many
+    minutes later; the server's own statement_timeout cannot help there."""
+    if cfg.command_timeout is not None:
+        return cfg.command_timeout
+    if cfg.statement_timeout > 0:
+        return cfg.statement_timeout + 10.0
+    return None
 
 
 def describe(cfg: PostgresConnectionConfig) -> str:

@@ -13,9 +13,11 @@ import uuid
 from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
+from natsconn_postgres.connection import command_timeout_of
 from natsconn_postgres.sink import PostgresSink
 
 from connector import ConnectorError, Message, PartialWriteError, RejectedError, RetryableError
@@ -371,3 +373,47 @@ async def test_messages_without_ids_are_stored(postgres_dsn: str, db: asyncpg.Co
         await sink.close()
     assert await db.fetchval(f'SELECT count(*) FROM "{table}" WHERE id IS NULL') == 10
     assert await db.fetchval(f'SELECT count(*) FROM "{table}" WHERE id = $1', "S:1") == 1
+
+
+async def test_a_stalled_connection_fails_the_write_at_command_timeout_then_recovers(
+        postgres_dsn: str, db: asyncpg.Connection, tables: Callable[[str], str],
+        tcp_proxy: Any) -> None:
+    """The server stops answering but the connection stays open (a stall, a dead
+    host that sends no reset): statement_timeout cannot fire, since the server
+    never got the statement. The client's command_timeout ends the write as
+    retryable; after the stall the retry writes on a live connection, and the
+    id dedupe keeps one row per message even if the stalled attempt committed."""
+    table = tables("stalled")
+    url = urlsplit(postgres_dsn)
+    proxy = await tcp_proxy(url.hostname or "127.0.0.1", url.port or 5432)
+    sink = await _sink(postgres_dsn, host=proxy.host, port=proxy.port, table=table,
+                       create_table=True, command_timeout="1s", connect_timeout="2s")
+    batch = [_msg(i) for i in range(1000, 2000)]
+    try:
+        await sink.write_batch([_msg(i) for i in range(1000)])
+        proxy.stall()
+        started = time.monotonic()
+        with pytest.raises(RetryableError):
+            await asyncio.wait_for(sink.write_batch(batch), 30)
+        assert time.monotonic() - started < 8, "the write outlived command_timeout"
+        proxy.resume()
+        for _ in range(50):  # as the engine would retry it
+            try:
+                await sink.write_batch(batch)
+                break
+            except RetryableError:
+                await asyncio.sleep(0.2)
+        else:
+            raise AssertionError("the write kept failing after the stall")
+    finally:
+        await sink.close()
+    assert await db.fetchval(f'SELECT count(*) FROM "{table}"') == 2000
+    assert await db.fetchval(f'SELECT count(DISTINCT id) FROM "{table}"') == 2000
+
+
+def test_command_timeout_follows_statement_timeout_unless_given() -> None:
+    config = PostgresSink.Config
+    assert command_timeout_of(config(table="t")) == 70.0
+    assert command_timeout_of(config(table="t", statement_timeout="5s")) == 15.0
+    assert command_timeout_of(config(table="t", statement_timeout=0)) is None
+    assert command_timeout_of(config(table="t", command_timeout="2s")) == 2.0
