@@ -253,6 +253,19 @@ async def write_as_the_engine_would(sink: NatsSink, batch: list[Message]) -> Non
     raise AssertionError("the write kept failing for 10 s")
 
 
+async def core_sink_behind_proxy(nc: NATS, nats_address: tuple[str, int], tcp_proxy: Any,
+                                 prefix: str) -> tuple[Collector, Any, NatsSink]:
+    """A subscriber on ``prefix.>`` and a connected core NATS sink publishing to
+    ``prefix.x`` through a TCP proxy, with a 1 s flush timeout."""
+    out = await Collector.subscribe(nc, f"{prefix}.>")
+    proxy = await tcp_proxy(*nats_address)
+    sink = NatsSink.make_test_instance(servers=[f"nats://{proxy.address}"],
+                                       subject=f"{prefix}.x", flush_timeout=1.0,
+                                       reconnect_wait="100ms")
+    await sink.connect()
+    return out, proxy, sink
+
+
 @pytest.mark.parametrize("retry_first", [True, False],
                          ids=["retry-then-next-batch", "next-batch-then-retry"])
 async def test_core_nats_sink_retries_during_a_stall_send_each_message_once(
@@ -264,12 +277,8 @@ async def test_core_nats_sink_retries_during_a_stall_send_each_message_once(
     when the stall ends every message arrives once, not once per attempt. That
     holds whether the retry comes before the next batch or after it (whose
     flush already confirmed the retried batch's bytes: max_in_flight > 1)."""
-    out = await Collector.subscribe(nc, f"stallonce.{unique}.>")
-    proxy = await tcp_proxy(*nats_address)
-    sink = NatsSink.make_test_instance(
-        servers=[f"nats://{proxy.address}"], subject=f"stallonce.{unique}.x",
-        flush_timeout=1.0, reconnect_wait="100ms")
-    await sink.connect()
+    out, proxy, sink = await core_sink_behind_proxy(nc, nats_address, tcp_proxy,
+                                                    f"stallonce.{unique}")
     first = [Message(payload(i)) for i in range(1000)]
     second = [Message(payload(i)) for i in range(1000, 1500)]
     try:
@@ -291,12 +300,8 @@ async def test_core_nats_sink_publishes_again_after_a_reconnect(
         nc: NATS, nats_address: tuple[str, int], unique: str, tcp_proxy: Any) -> None:
     """What was queued for a connection that is then lost may be gone: after a
     reconnect, the retry of a batch whose flush timed out publishes it again."""
-    out = await Collector.subscribe(nc, f"stallcut.{unique}.>")
-    proxy = await tcp_proxy(*nats_address)
-    sink = NatsSink.make_test_instance(
-        servers=[f"nats://{proxy.address}"], subject=f"stallcut.{unique}.x",
-        flush_timeout=1.0, reconnect_wait="100ms")
-    await sink.connect()
+    out, proxy, sink = await core_sink_behind_proxy(nc, nats_address, tcp_proxy,
+                                                    f"stallcut.{unique}")
     batch = [Message(payload(i)) for i in range(1000)]
     try:
         proxy.stall()
