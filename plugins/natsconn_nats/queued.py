@@ -41,9 +41,6 @@ class QueuedWrites:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def __bool__(self) -> bool:
-        return bool(self._entries)
-
     def held(self, message: Message) -> bool:
         """True when ``message`` needs no new publish: an earlier attempt's bytes
         are queued on this connection or reached the server."""

@@ -85,10 +85,12 @@ class NatsSink(Sink[NatsSinkConfig]):
                     raise RetryableError("nats: not connected (reconnecting)") from None
             reconnect = self._reconnect
             queued = self._queued
+            # Looked up once a batch: nothing per message unless a stall left some.
+            held = queued.held if len(queued) else None
             commands: list[bytes] = []
             nbytes = 0
             for i, m in enumerate(messages):
-                if queued and queued.held(m):
+                if held is not None and held(m):
                     continue  # queued or delivered by an earlier attempt
                 subject = ""
                 try:
