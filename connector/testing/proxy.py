@@ -10,6 +10,9 @@ real server. A test then breaks the path on demand:
   server, a black-holed route); ``resume()`` forwards again, nothing lost.
 * ``delay`` (seconds, settable at any time) holds back every chunk.
 
+``record_up``, set to a ``bytearray``, collects every byte forwarded to the
+server, in the order the server gets it (for tests of what a client sends).
+
 The technique follows asyncpg's test proxy; this implementation is our own.
 """
 
@@ -62,6 +65,7 @@ class TcpProxy:
         self.refused = 0  # connections closed at once because of refuse()
         self.bytes_up = 0  # client -> server
         self.bytes_down = 0  # server -> client
+        self.record_up: bytearray | None = None  # set one to record client -> server
         self._server: asyncio.Server | None = None
         self._port = 0
         self._links: set[_Link] = set()
@@ -213,6 +217,8 @@ class TcpProxy:
                 writer.write(data)
                 if up:
                     self.bytes_up += len(data)
+                    if self.record_up is not None:
+                        self.record_up += data
                 else:
                     self.bytes_down += len(data)
                 await writer.drain()
