@@ -435,10 +435,11 @@ class OutboxSource(Source[OutboxSourceConfig]):
             self.context.logger.warning("postgres outbox %s: a claim still running at close "
                                         "was cancelled; rows it leased come back when the "
                                         "lease runs out", self.config.table)
-        try:
-            await ahead
-        except (Exception, asyncio.CancelledError) as exc:  # it leased nothing we know of
-            self.context.logger.debug("postgres outbox: claim ahead ended with %r", exc)
+            await asyncio.wait({ahead})  # its end, without taking close()'s own cancel
+        if not ahead.cancelled() and ahead.exception() is not None:
+            # it leased nothing we know of
+            self.context.logger.debug("postgres outbox: claim ahead ended with %r",
+                                      ahead.exception())
 
 
 def _converter(table: str, parts: list[str]) -> Callable[[Row], Message]:
