@@ -16,6 +16,15 @@ from ._errors import (
     RejectedError,
     RetryableError,
 )
+from ._expr import (
+    Bindings,
+    Condition,
+    Expr,
+    Expression,
+    ExpressionError,
+    ExpressionFailed,
+    parse_data,
+)
 from ._message import Message
 from ._plugin import Plugin, PluginConfig, Rejected, Sink, Source, Transform
 from ._template import AddressTemplate, TemplateStr
@@ -28,12 +37,18 @@ __all__ = [
     "AckHandle",
     "AddressTemplate",
     "Batch",
+    "Bindings",
     "ByteSize",
     "CallbackAck",
+    "Condition",
     "ConfigError",
     "ConnectorError",
     "Duration",
     "EndOfInput",
+    "Expr",
+    "Expression",
+    "ExpressionError",
+    "ExpressionFailed",
     "Message",
     "Meters",
     "NoAck",
@@ -51,6 +66,7 @@ __all__ = [
     "Source",
     "TemplateStr",
     "Transform",
+    "parse_data",
     "parse_duration",
     "parse_size",
 ]

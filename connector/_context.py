@@ -14,6 +14,10 @@ class Meters(Protocol):
         """Messages lost before natsconn could hold them (core NATS slow consumer,
         pub/sub overflow). Counted and logged; never silent."""
 
+    def filtered(self, count: int) -> None:
+        """Messages a transform dropped on purpose (a filter said no). They are
+        acknowledged at the source with the rest of their batch, and counted."""
+
     def reconnected(self) -> None:
         """The plugin's connection came back after a loss."""
 
@@ -28,6 +32,9 @@ class NullMeters:
     """Meters that record nothing, for tests and tools."""
 
     def dropped(self, count: int, reason: str) -> None:
+        return None
+
+    def filtered(self, count: int) -> None:
         return None
 
     def reconnected(self) -> None:

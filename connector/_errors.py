@@ -17,7 +17,8 @@ class ConnectorError(Exception):
 class ConfigError(ConnectorError):
     """A pipeline file or plugin option is wrong.
 
-    ``location`` is ``file:line`` where known and ``path`` the YAML path
+    ``location`` is ``file:line`` (``file:line:column`` for an expression) where
+    known and ``path`` the YAML path
     (``pipelines[0].source.stream``); the message says what was expected and
     what was found.
     """
@@ -29,17 +30,21 @@ class ConfigError(ConnectorError):
         file: str | None = None,
         line: int | None = None,
         path: str | None = None,
+        column: int | None = None,
     ) -> None:
         self.message = message
         self.file = file
         self.line = line
         self.path = path
+        self.column = column
         super().__init__(self.render())
 
     def render(self) -> str:
         where = ""
         if self.file:
             where = self.file if self.line is None else f"{self.file}:{self.line}"
+            if self.line is not None and self.column is not None:
+                where += f":{self.column}"
             where += ": "
         path = f"{self.path}: " if self.path else ""
         return f"{where}{path}{self.message}"

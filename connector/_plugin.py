@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, Self, TypeVar
 
@@ -97,10 +97,22 @@ class Transform(Plugin[ConfigT]):
 
     Override ``process_one`` for per-message work (return a message, a list of
     messages to split, or ``None`` to drop; raise :class:`RejectedError` for
-    poison), or ``process`` for whole-batch work.
+    poison), or ``process`` for whole-batch work. ``process`` may be an
+    ``async def`` when the work needs I/O (a schema registry, an object store);
+    ``connect`` and ``close`` open and release what it uses, with the pipeline.
+    A transform that drops messages on purpose reports how many with
+    ``self.context.meters.filtered(n)``.
     """
 
-    def process(self, messages: list[Message]) -> Sequence[Message | Rejected]:
+    async def connect(self) -> None:
+        """Open connections the transform needs; called before the source connects."""
+
+    async def close(self) -> None:
+        """Release them; called when the pipeline closes."""
+
+    def process(
+        self, messages: list[Message]
+    ) -> Sequence[Message | Rejected] | Awaitable[Sequence[Message | Rejected]]:
         out: list[Message | Rejected] = []
         for message in messages:
             try:

@@ -10,6 +10,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from .._errors import ConfigError
+from .._expr import ExpressionError
 from .yaml_tree import Path, format_path
 
 _SECRET_WORDS = ("password", "token", "secret", "seed", "credential", "passphrase")
@@ -80,6 +81,9 @@ def from_validation_error(
     err = exc.errors(include_url=False)[0]
     loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
     path: Path = (*prefix, *loc)
+    cause = (err.get("ctx") or {}).get("error")
+    if isinstance(cause, ExpressionError):
+        return _expression_error(cause, file, lines, path, what)
     kind = err["type"]
     found = err.get("input")
     secret = any(isinstance(p, str) and any(w in p.lower() for w in _SECRET_WORDS) for p in loc)
@@ -110,3 +114,19 @@ def from_validation_error(
             msg = msg.split(", found")[0]
         message = f"{msg}, found {shown}{suffix}" if "found" not in msg else msg + suffix
     return ConfigError(message, file=file, line=_nearest_line(lines, path), path=format_path(path))
+
+
+def _expression_error(cause: ExpressionError, file: str, lines: Mapping[Path, int], path: Path,
+                      what: str) -> ConfigError:
+    """An expression that does not compile: the file's line and column of the fault."""
+    suffix = f" ({what})" if what else ""
+    line, column = _nearest_line(lines, path), None
+    scalars = getattr(lines, "scalars", {})
+    if path in scalars:
+        start_line, start_column, style = scalars[path]
+        line = start_line + cause.line - 1
+        block = style in ("|", ">")
+        column = start_column + cause.column - 1 if cause.line == 1 or block else cause.column
+    shown = cause.source if len(cause.source) <= 80 else cause.source[:77] + "..."
+    return ConfigError(f"invalid CEL expression {shown!r}: {cause.message}{suffix}", file=file,
+                       line=line, column=column, path=format_path(path))

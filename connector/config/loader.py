@@ -11,11 +11,12 @@ from typing import Any
 from pydantic import SecretBytes, SecretStr, ValidationError
 
 from .._errors import ConfigError, PluginLoadError
+from .._expr import Expression
 from .._plugin import Plugin, PluginConfig
 from ..registry import Kind, Registry
 from .errors import from_validation_error
 from .interpolate import interpolate
-from .model import FileSpec, PipelineSpec, PluginSpec
+from .model import BatchPolicy, FileSpec, PipelineSpec, PluginSpec, RetryPolicy
 from .yaml_tree import Path, format_path, parse_yaml
 
 
@@ -30,12 +31,31 @@ class ResolvedPlugin:
 
 
 @dataclass(frozen=True, slots=True)
+class RouteConfig:
+    """One sink of a pipeline with its effective policies (the pipeline's where unset)."""
+
+    name: str
+    when: Expression | None
+    sink: ResolvedPlugin
+    transforms: tuple[ResolvedPlugin, ...]
+    batch: BatchPolicy
+    max_in_flight: int
+    retry: RetryPolicy
+    dead_letter: ResolvedPlugin | None  # None: the pipeline's
+
+
+@dataclass(frozen=True, slots=True)
 class PipelineConfig:
     spec: PipelineSpec
     source: ResolvedPlugin
     transforms: tuple[ResolvedPlugin, ...]
-    sink: ResolvedPlugin
+    routes: tuple[RouteConfig, ...]
     dead_letter: ResolvedPlugin | None
+
+    @property
+    def sink(self) -> ResolvedPlugin:
+        """The first (with ``sink:``, the only) sink."""
+        return self.routes[0].sink
 
 
 @dataclass(slots=True)
@@ -109,16 +129,42 @@ def _validate(data: dict[str, Any], file: str, lines: Mapping[Path, int], regist
             _resolve(registry, "transform", t, (*base, "transforms", j), file, lines, p.name)
             for j, t in enumerate(p.transforms)
         )
-        sink = _resolve(registry, "sink", p.sink, (*base, "sink"), file, lines, p.name)
+        routes = _routes(registry, p, base, file, lines)
         dlq = (
             _resolve(registry, "sink", p.dead_letter, (*base, "dead_letter"), file, lines, p.name)
             if p.dead_letter is not None
             else None
         )
-        for plugin in (source, *transforms, sink, *([dlq] if dlq else [])):
+        plugins = [source, *transforms, *([dlq] if dlq else [])]
+        for r in routes:
+            plugins += [r.sink, *r.transforms, *([r.dead_letter] if r.dead_letter else [])]
+        for plugin in plugins:
             _collect_secrets(plugin.config, secrets)
-        pipelines.append(PipelineConfig(p, source, transforms, sink, dlq))
+        pipelines.append(PipelineConfig(p, source, transforms, routes, dlq))
     return LoadedFile(file, spec, pipelines, secrets)
+
+
+def _routes(registry: Registry, p: PipelineSpec, base: Path, file: str,
+            lines: Mapping[Path, int]) -> tuple[RouteConfig, ...]:
+    names = p.sink_names()
+    if p.sink is not None:
+        sink = _resolve(registry, "sink", p.sink, (*base, "sink"), file, lines, p.name)
+        return (RouteConfig(names[0], None, sink, (), p.batch, p.max_in_flight, p.retry, None),)
+    routes = []
+    for i, r in enumerate(p.sinks):
+        at: Path = (*base, "sinks", i)
+        routes.append(RouteConfig(
+            names[i], r.when,
+            _resolve(registry, "sink", r.sink, (*at, "sink"), file, lines, p.name),
+            tuple(_resolve(registry, "transform", t, (*at, "transforms", j), file, lines,
+                           p.name) for j, t in enumerate(r.transforms)),
+            r.batch if r.batch is not None else p.batch,
+            r.max_in_flight if r.max_in_flight is not None else p.max_in_flight,
+            r.retry if r.retry is not None else p.retry,
+            (_resolve(registry, "sink", r.dead_letter, (*at, "dead_letter"), file, lines,
+                      p.name) if r.dead_letter is not None else None),
+        ))
+    return tuple(routes)
 
 
 def _unique_names(data: dict[str, Any], file: str, lines: Mapping[Path, int]) -> None:

@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .._expr import Condition
 from .._units import ByteSize, Duration
 
 
@@ -50,11 +51,44 @@ class RetryPolicy(_Strict):
     multiplier: float = Field(2.0, ge=1.0)
 
 
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
+
+class SinkRoute(_Strict):
+    """One sink of a fan-out pipeline (``sinks:``), with its own policies.
+
+    Unset policies are the pipeline's; a sink without ``when:`` takes every
+    message (``route: broadcast``) or every message no earlier sink took
+    (``route: switch``).
+    """
+
+    name: str | None = Field(None, pattern=_NAME, max_length=100,
+                             description="labels this sink's metrics and logs; default: its "
+                             "type, with its position when a type repeats")
+    when: Condition | None = Field(None, description="CEL condition: which messages this "
+                                   "sink takes")
+    sink: PluginSpec
+    transforms: list[PluginSpec] = Field(default_factory=list,
+                                         description="applied to this sink's messages only")
+    batch: BatchPolicy | None = None
+    max_in_flight: int | None = Field(None, ge=1, le=1024)
+    retry: RetryPolicy | None = None
+    dead_letter: PluginSpec | None = Field(None, description="default: the pipeline's")
+
+
 class PipelineSpec(_Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100)
+    name: str = Field(pattern=_NAME, max_length=100)
     source: PluginSpec
     transforms: list[PluginSpec] = Field(default_factory=list)
-    sink: PluginSpec
+    sink: PluginSpec | None = Field(None, description="the one sink; or `sinks:` for several")
+    sinks: list[SinkRoute] = Field(default_factory=list,
+                                   description="several sinks (fan-out and routing)")
+    route: Literal["broadcast", "switch"] = Field(
+        "broadcast", description="broadcast: every sink whose `when:` matches; switch: the "
+        "first one")
+    unmatched: Literal["drop", "dead_letter"] = Field(
+        "drop", description="a message no sink takes: acknowledged and counted, or "
+        "dead-lettered")
     dead_letter: PluginSpec | None = None
     batch: BatchPolicy = Field(default_factory=BatchPolicy)
     max_in_flight: int = Field(4, ge=1, le=1024, description="concurrent sink writes")
@@ -65,6 +99,30 @@ class PipelineSpec(_Strict):
     in_progress_interval: Duration = Field(
         5.0, description="how often a long write extends the source's ack deadline"
     )
+
+    @model_validator(mode="after")
+    def _one_way_out(self) -> PipelineSpec:
+        if self.sink is None and not self.sinks:
+            raise ValueError("expected `sink:` (one sink) or `sinks:` (several), found neither")
+        if self.sink is not None and self.sinks:
+            raise ValueError("expected `sink:` or `sinks:`, found both; move the single sink "
+                             "into the `sinks:` list")
+        seen: set[str] = set()
+        for name in self.sink_names():
+            if name in seen:
+                raise ValueError(f"sink name {name!r} is used twice in pipeline {self.name!r}; "
+                                 "give each sink a unique `name:`")
+            seen.add(name)
+        return self
+
+    def sink_names(self) -> list[str]:
+        """Each sink's name: given, else its type (with its position when a type repeats)."""
+        if self.sink is not None:
+            return [self.sink.type]
+        types = [r.sink.type for r in self.sinks]
+        return [r.name if r.name is not None else
+                (r.sink.type if types.count(r.sink.type) == 1 else f"{r.sink.type}-{i}")
+                for i, r in enumerate(self.sinks)]
 
 
 class HttpSettings(_Strict):

@@ -16,6 +16,17 @@ from .._errors import ConfigError
 Path = tuple[str | int, ...]
 
 
+class Lines(dict[Path, int]):
+    """YAML path → 1-based line; ``scalars`` adds, for each scalar, the line and
+    1-based column where its text starts and its style (``'``, ``"``, ``|``,
+    ``>`` or None for plain), so an error inside a value (an expression) can
+    point at the file's column."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scalars: dict[Path, tuple[int, int, str | None]] = {}
+
+
 def format_path(path: Path) -> str:
     out = ""
     for part in path:
@@ -38,14 +49,16 @@ def parse_yaml(text: str, file: str) -> tuple[Any, dict[Path, int]]:
     reading (characters YAML does not allow) and while constructing values
     (unknown tags, bad merge keys, impossible dates), not only while parsing.
     """
-    lines: dict[Path, int] = {}
+    lines = Lines()
     loader: yaml.SafeLoader | None = None
     try:
         loader = yaml.SafeLoader(text)
         node = loader.get_single_node()
         if node is None:
             return None, lines
-        return _build(loader, node, (), lines, file), lines
+        value = _build(loader, node, (), lines, file)
+        _scalar_columns(text, lines)
+        return value, lines
     except yaml.reader.ReaderError as exc:
         at = text.count("\n", 0, max(0, exc.position)) + 1
         raise ConfigError(f"invalid YAML: expected printable text, found the character "
@@ -113,4 +126,23 @@ def _build(loader: yaml.SafeLoader, node: yaml.Node, path: Path, lines: dict[Pat
         return [
             _build(loader, item, (*path, i), lines, file) for i, item in enumerate(node.value)
         ]
+    if isinstance(node, yaml.ScalarNode) and isinstance(lines, Lines):
+        lines.scalars[path] = (node.start_mark.line + 1, node.start_mark.column + 1,
+                               node.style)
     return _construct(loader, node, path, file)
+
+
+def _scalar_columns(text: str, lines: Lines) -> None:
+    """Move each scalar's position from its mark to its first character of text."""
+    rows = text.splitlines()
+    for path, (line, column, style) in list(lines.scalars.items()):
+        if style in ("'", '"'):
+            lines.scalars[path] = (line, column + 1, style)
+        elif style in ("|", ">"):
+            # The text starts on the next non-blank line, at its indentation.
+            at = line  # 0-based index of the line after the indicator
+            while at < len(rows) and not rows[at].strip():
+                at += 1
+            if at < len(rows):
+                indent = len(rows[at]) - len(rows[at].lstrip(" "))
+                lines.scalars[path] = (at + 1, indent + 1, style)

@@ -1,41 +1,46 @@
-"""One pipeline: read → transform → re-batch → bounded concurrent writes → ack.
+"""One pipeline: read → transform → route → per-sink re-batch and writes → ack.
 
-The reader loop reads only when the in-flight window has room and a write slot
-is free, so a slow sink stops the reads. Writes run as one task per sink batch
-(never per message); a source batch is settled once all its messages are
-written or dead-lettered.
+The reader loop reads only when the in-flight window has room, so a slow sink
+stops the reads. Each sink is a lane (lane.py) with its own batcher, write
+slots, retries and dead letter; the router (routing.py) picks the lanes of
+each message. A source batch is settled once each of its messages is written
+or dead-lettered by every sink it was routed to.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
-import inspect
 import logging
-import time
-from collections.abc import Awaitable, Sequence
 from typing import Any
 
 from .._batch import Batch
 from .._context import PluginContext
-from .._errors import EndOfInput, PartialWriteError, RejectedError, RetryableError
+from .._errors import EndOfInput, RetryableError
 from .._message import Message
 from .._plugin import Rejected, Sink, Source, Transform
 from ..config.loader import PipelineConfig, ResolvedPlugin
 from ..ops.metrics import PipelineMetrics, PluginMeters
 from .backoff import Backoff
-from .batcher import Batcher, SinkBatch
+from .chain import TransformChain
+from .deadletter import (
+    H_ATTEMPTS,
+    H_ERROR,
+    H_ERROR_KIND,
+    H_PIPELINE,
+    H_SINK,
+    H_SOURCE_ID,
+    H_SUBJECT,
+    DeadLetter,
+)
+from .lane import SinkLane, reject
+from .routing import Router
+from .shutdown import Shutdown, Stopped
 from .tracker import Tracker
 from .window import Window
 
-# Headers added to dead-lettered messages (documented in docs/delivery.md).
-H_ERROR = "Natsconn-Error"
-H_ERROR_KIND = "Natsconn-Error-Kind"
-H_ATTEMPTS = "Natsconn-Attempts"
-H_PIPELINE = "Natsconn-Pipeline"
-H_SUBJECT = "Natsconn-Original-Subject"
-H_SOURCE_ID = "Natsconn-Source-Id"
+__all__ = ["H_ATTEMPTS", "H_ERROR", "H_ERROR_KIND", "H_PIPELINE", "H_SINK", "H_SOURCE_ID",
+           "H_SUBJECT", "ConnectFailed", "Pipeline", "PipelineState"]
 
 
 class PipelineState(enum.Enum):
@@ -45,10 +50,6 @@ class PipelineState(enum.Enum):
     FINISHED = "finished"
     FAILED = "failed"
     STOPPED = "stopped"
-
-
-class _Stopped(Exception):
-    """A write was abandoned because the shutdown deadline passed."""
 
 
 def _instantiate(plugin: ResolvedPlugin, pipeline: str, role: str, instance: str) -> Any:
@@ -68,34 +69,55 @@ class Pipeline:
         self._instance = instance
         self._policy = spec.batch
         self._retry = spec.retry
-        self._max_in_flight = spec.max_in_flight
-        self._slots = asyncio.Semaphore(spec.max_in_flight)
-        self._window = Window(spec.batch.max_messages * (spec.max_in_flight + 1),
-                              spec.max_in_flight_bytes)
-        self._batcher = Batcher(spec.batch.max_messages, spec.batch.max_bytes,
-                                spec.batch.max_wait)
-        self._writes: set[asyncio.Task[None]] = set()
-        self._leftover: list[SinkBatch] = []
+        self._shutdown = Shutdown()
+        in_flight = max(r.max_in_flight for r in config.routes)
+        self._window = Window(spec.batch.max_messages * (in_flight + 1), spec.max_in_flight_bytes)
         self._live: set[Tracker] = set()
-        self._stopping = asyncio.Event()
-        self._deadline: float | None = None
+        self._side: set[asyncio.Task[None]] = set()  # dead-lettering of transform rejects
         self.source: Source[Any] = _instantiate(config.source, self.name, "source", instance)
-        self.transforms: list[Transform[Any]] = [
+        self.chain = TransformChain([
             _instantiate(t, self.name, "transform", instance) for t in config.transforms
-        ]
-        self.sink: Sink[Any] = _instantiate(config.sink, self.name, "sink", instance)
+        ])
         self.dead_letter: Sink[Any] | None = (
             _instantiate(config.dead_letter, self.name, "dead_letter", instance)
             if config.dead_letter is not None
             else None
         )
+        self._dlq = DeadLetter(self.dead_letter, self.name, spec.retry, self._shutdown,
+                               self.metrics, self.log)
+        self.lanes = [self._lane(r) for r in config.routes]
+        self._router = Router([lane.when for lane in self.lanes], spec.route, spec.unmatched)
+        self._lane_chains = any(lane.chain for lane in self.lanes)
+
+    def _lane(self, route: Any) -> SinkLane:
+        name, instance = self.name, self._instance
+        role = "sink" if len(self.config.routes) == 1 else f"sink:{route.name}"
+        sink = _instantiate(route.sink, name, role, instance)
+        dlq = self._dlq
+        if route.dead_letter is not None:
+            target = _instantiate(route.dead_letter, name, f"dead_letter:{route.name}", instance)
+            dlq = DeadLetter(target, name, route.retry, self._shutdown, self.metrics, self.log)
+        chain = TransformChain([_instantiate(t, name, "transform", instance)
+                                for t in route.transforms])
+        return SinkLane(route.name, sink, when=route.when, chain=chain, batch=route.batch,
+                        max_in_flight=route.max_in_flight, retry=route.retry, dead_letter=dlq,
+                        pipeline=name, metrics=self.metrics, shutdown=self._shutdown,
+                        settle=self._settle, log=self.log)
+
+    @property
+    def sink(self) -> Sink[Any]:
+        """The first sink (with ``sink:``, the only one)."""
+        return self.lanes[0].sink  # type: ignore[no-any-return]
+
+    @property
+    def transforms(self) -> list[Transform[Any]]:
+        return self.chain.transforms
 
     # ------------------------------------------------------------------ control
 
     def stop(self, deadline: float) -> None:
         """Stop reading; in-flight work may finish until ``deadline`` (monotonic)."""
-        self._deadline = deadline
-        self._stopping.set()
+        self._shutdown.stop(deadline)
 
     @property
     def in_flight(self) -> int:
@@ -109,7 +131,7 @@ class Pipeline:
         self.state = PipelineState.STARTING
         try:
             # A stop asked for while a plugin is still connecting ends the run at once.
-            if not await self._wait_or_stop(self._connect()):
+            if not await self._shutdown.wait_or_stop(self._connect()):
                 self.state = PipelineState.STOPPED
                 return
             self.state = PipelineState.RUNNING
@@ -133,21 +155,36 @@ class Pipeline:
             self.metrics.up.set(0)
             await self._close()
 
-    async def _connect(self) -> None:
-        plugins: list[tuple[str, Source[Any] | Sink[Any]]] = [("sink", self.sink)]
+    def _plugins(self) -> list[tuple[str, Any]]:
+        """Everything to connect, in order: sinks, dead letters, transforms, source last
+        (nothing is read before every way out is up)."""
+        out: list[tuple[str, Any]] = []
+        for lane in self.lanes:
+            role = "sink" if len(self.lanes) == 1 else f"sink {lane.name!r}"
+            out.append((role, lane.sink))
+            if lane.dead_letter.target is not None and lane.dead_letter.target is not \
+                    self.dead_letter:
+                out.append((f"dead_letter of sink {lane.name!r}", lane.dead_letter.target))
         if self.dead_letter is not None:
-            plugins.append(("dead_letter", self.dead_letter))
-        plugins.append(("source", self.source))  # last: nothing is read before sinks are up
-        for role, plugin in plugins:
+            out.append(("dead_letter", self.dead_letter))
+        for t in self.chain.transforms:
+            out.append(("transform", t))
+        for lane in self.lanes:
+            for t in lane.chain.transforms:
+                out.append((f"transform of sink {lane.name!r}", t))
+        out.append(("source", self.source))
+        return out
+
+    async def _connect(self) -> None:
+        for role, plugin in self._plugins():
             try:
                 await plugin.connect()
             except Exception as exc:
                 raise ConnectFailed(self.name, role, plugin, exc) from exc
 
     async def _close(self) -> None:
-        for plugin in (self.source, self.sink, self.dead_letter):
-            if plugin is None:
-                continue
+        plugins = self._plugins()
+        for _role, plugin in [plugins[-1], *plugins[:-1]]:  # the source first
             try:
                 await plugin.close()
             except Exception:
@@ -157,22 +194,22 @@ class Pipeline:
 
     async def _pump(self) -> bool:
         """The reader loop. Returns True when the source ended, False when stopped."""
-        source, window, batcher, policy = self.source, self._window, self._batcher, self._policy
-        stopping = self._stopping
+        source, window, policy, lanes = self.source, self._window, self._policy, self.lanes
+        shutdown = self._shutdown
+        stopping = shutdown.stopping
         read_backoff = Backoff(self._retry.initial_backoff, self._retry.max_backoff)
+        single = lanes[0] if len(lanes) == 1 else None
         while not stopping.is_set():
             if window.room() == 0:
                 # Nothing more can join a partial batch until room frees, and room
                 # may only free by writing it (a filtering transform, or a byte
-                # window smaller than a batch): write it now rather than deadlock.
-                partial = batcher.flush()
-                if partial is not None:
-                    await self._dispatch(partial)
-                    continue
-                if not await self._wait_or_stop(window.wait_room()):
+                # window smaller than a batch): send partial batches on now.
+                for lane in lanes:
+                    lane.flush()
+                if not await shutdown.wait_or_stop(window.wait_room()):
                     break
                 continue
-            left = batcher.time_left()
+            left = single.time_left() if single is not None else self._time_left()
             max_wait = policy.max_wait if left is None else left
             try:
                 batch = await source.read_batch(min(policy.max_messages, window.room()), max_wait)
@@ -182,18 +219,21 @@ class Pipeline:
                 wait = read_backoff.next(exc.retry_after)
                 self.log.warning("source read failed, retrying in %.2fs: %s", wait, exc,
                                  extra={"pipeline": self.name})
-                await self._sleep_or_stop(wait)
+                await shutdown.sleep_or_stop(wait)
                 continue
             read_backoff.reset()
             if batch is not None and batch.messages:
                 await self._accept(batch)
             elif batch is not None:
                 await batch.ack.ack()
-            if batcher.time_left() == 0.0:
-                partial = batcher.flush()
-                if partial is not None:
-                    await self._dispatch(partial)
+            for lane in lanes:
+                if lane.time_left() == 0.0:
+                    lane.flush()
         return False
+
+    def _time_left(self) -> float | None:
+        lefts = [t for t in (lane.time_left() for lane in self.lanes) if t is not None]
+        return min(lefts) if lefts else None
 
     async def _accept(self, batch: Batch) -> None:
         messages = batch.messages
@@ -206,179 +246,49 @@ class Pipeline:
         tracker = Tracker(batch.ack, count, nbytes)
         self._live.add(tracker)
         rejected: list[Rejected] = []
-        if self.transforms:
-            messages, rejected = self._transform(messages)
-        tracker.remaining = len(messages) + len(rejected)
-        if tracker.remaining == 0:  # everything dropped by transforms
+        if self.chain:
+            messages, rejected = await self.chain.apply(messages)
+        per_lane, unmatched, failed = self._router.route(messages)
+        if failed:
+            rejected += failed
+        if unmatched:
+            self.metrics.unrouted.inc(len(unmatched))
+        work: list[tuple[SinkLane, list[Message], list[Rejected]]] = []
+        total = len(rejected)
+        for lane, routed in zip(self.lanes, per_lane, strict=True):
+            if not routed:
+                continue
+            bad: list[Rejected] = []
+            if self._lane_chains and lane.chain:
+                routed, bad = await lane.chain.apply(routed)
+            total += len(routed) + len(bad)
+            work.append((lane, routed, bad))
+        # Counted in full before any write can resolve a message of this batch.
+        tracker.remaining = total
+        if total == 0:  # everything dropped by transforms or routing
             await self._settle(tracker)
             return
         if rejected:
-            # Poison found by a transform: dead-letter it beside the normal flow.
-            self._spawn(self._reject(rejected, tracker))
-        if messages:
-            for full in self._batcher.add(messages, tracker):
-                await self._dispatch(full)
+            # Poison found by a transform or the router: dead-letter it beside the flow.
+            self._spawn(reject(self._dlq, rejected, tracker, self.lanes[0].resolve))
+        for lane, routed, bad in work:
+            if bad:
+                lane.reject(bad, tracker)
+            if routed:
+                lane.add(routed, tracker)
 
-    def _transform(self, messages: list[Message]) -> tuple[list[Message], list[Rejected]]:
-        rejected: list[Rejected] = []
-        for transform in self.transforms:
-            out = transform.process(messages)
-            messages = []
-            for item in out:
-                if isinstance(item, Message):
-                    messages.append(item)
-                else:
-                    rejected.append(item)
-        return messages, rejected
-
-    # ------------------------------------------------------------------ writing
-
-    async def _dispatch(self, batch: SinkBatch) -> None:
-        """Start a write when a slot is free; when told to stop first, keep the
-        batch for the drain, which writes it before the deadline or nacks it."""
-        if not self._slots.locked() and not self._stopping.is_set():
-            await self._slots.acquire()  # free slot: no waiting, no extra futures
-            self._spawn(self._write(batch), holds_slot=True)
-        elif await self._wait_or_stop(self._slots.acquire()):
-            self._spawn(self._write(batch), holds_slot=True)
-        else:
-            self._leftover.append(batch)
-
-    def _spawn(self, coro: object, holds_slot: bool = False) -> None:
-        task: asyncio.Task[None] = asyncio.create_task(coro)  # type: ignore[arg-type]
-        self._writes.add(task)
+    def _spawn(self, coro: Any) -> None:
+        task: asyncio.Task[None] = asyncio.create_task(coro)
+        self._side.add(task)
 
         def finished(t: asyncio.Task[None]) -> None:
-            self._writes.discard(t)
-            if holds_slot:
-                self._slots.release()
-            if not t.cancelled() and not isinstance(t.exception(), _Stopped | None):
-                self.log.error("write task failed", exc_info=t.exception())
+            self._side.discard(t)
+            if not t.cancelled() and not isinstance(t.exception(), Stopped | None):
+                self.log.error("dead-letter task failed", exc_info=t.exception())
 
         task.add_done_callback(finished)
 
-    async def _write(self, batch: SinkBatch) -> None:
-        """Write with retries; dead-letter what cannot be written; settle trackers."""
-        pending: list[int] | None = None  # None: the whole batch
-        backoff = Backoff(self._retry.initial_backoff, self._retry.max_backoff,
-                          self._retry.multiplier)
-        attempt = 0
-        max_attempts = self._retry.max_attempts
-        try:
-            while True:
-                attempt += 1
-                messages = batch.messages if pending is None else [
-                    batch.messages[i] for i in pending
-                ]
-                started = time.perf_counter()
-                try:
-                    await self._sink_write(messages)
-                except PartialWriteError as exc:
-                    index = range(len(batch)) if pending is None else pending
-                    failed = exc.failed
-                    written = [index[i] for i in range(len(messages)) if i not in failed]
-                    await self._written(batch, written)
-                    poison = [(index[i], e) for i, e in failed.items()
-                              if isinstance(e, RejectedError)]
-                    if poison:
-                        await self._dead_letter(batch, poison, attempt, "rejected")
-                    retry = [(index[i], e) for i, e in failed.items()
-                             if not isinstance(e, RejectedError)]
-                    if not retry:
-                        return
-                    pending = [i for i, _ in retry]
-                    error: Exception = retry[0][1]
-                except RejectedError as exc:
-                    index = range(len(batch)) if pending is None else pending
-                    await self._dead_letter(batch, [(i, exc) for i in index], attempt, "rejected")
-                    return
-                except _Stopped:
-                    raise
-                except Exception as exc:
-                    error = exc
-                    if not isinstance(exc, RetryableError):
-                        self.log.warning("sink raised %s, treating it as retryable",
-                                         type(exc).__name__, exc_info=True)
-                else:
-                    self.metrics.write_seconds.observe(time.perf_counter() - started)
-                    self.metrics.batches.inc()
-                    await self._written(batch, range(len(batch)) if pending is None else pending)
-                    return
-                # A retryable failure of ``pending`` (or all).
-                if max_attempts is not None and attempt >= max_attempts:
-                    index = range(len(batch)) if pending is None else pending
-                    await self._dead_letter(batch, [(i, error) for i in index], attempt,
-                                            "exhausted")
-                    return
-                self.metrics.retries.inc()
-                retry_after = error.retry_after if isinstance(error, RetryableError) else None
-                wait = backoff.next(retry_after)
-                self.log.warning("write of %d message(s) failed (attempt %d), retrying in "
-                                 "%.2fs: %s", len(messages), attempt, wait, error,
-                                 extra={"pipeline": self.name})
-                await self._sleep_or_deadline(wait)
-        except (_Stopped, asyncio.CancelledError):
-            # Shutdown deadline: whatever is unwritten comes again from the source.
-            await self._unwritten(batch)
-            raise
-        except Exception:
-            # A bug (a PartialWriteError naming an index the batch lacks, a failing
-            # dead-letter header...): give the batch back to the source rather than
-            # leave it unsettled, which would hold the window and stall the reads.
-            self.log.error("write task failed; the source will redeliver its messages",
-                           exc_info=True, extra={"pipeline": self.name})
-            await self._unwritten(batch)
-
-    async def _sink_write(self, messages: Sequence[Message]) -> None:
-        await self._before_deadline(self.sink, messages)
-
-    async def _before_deadline(self, sink: Sink, messages: Sequence[Message]) -> None:  # type: ignore[type-arg]
-        """``sink.write_batch``, abandoned with :class:`_Stopped` at the shutdown deadline.
-
-        A TimeoutError the sink raises itself (a publish ack that timed out) is a
-        failure to retry, not the deadline: only the clock tells them apart.
-        """
-        if self._deadline is None:
-            await sink.write_batch(messages)
-            return
-        left = self._deadline - time.monotonic()
-        if left <= 0:
-            raise _Stopped
-        try:
-            await asyncio.wait_for(sink.write_batch(messages), left)
-        except TimeoutError:
-            if time.monotonic() >= self._deadline:
-                raise _Stopped from None
-            raise
-
-    async def _written(self, batch: SinkBatch, indices: Sequence[int] | range) -> None:
-        if len(indices) == len(batch) and batch.claim_all():  # the common case
-            self.metrics.messages_out.inc(len(batch))
-            self.metrics.bytes_out.inc(batch.nbytes)
-            for tracker, start, end in batch.spans:
-                if tracker.done(end - start):
-                    await self._settle(tracker)
-            return
-        fresh = batch.claim(indices)
-        if not fresh:
-            return
-        self.metrics.messages_out.inc(len(fresh))
-        self.metrics.bytes_out.inc(sum(len(batch.messages[i].data) for i in fresh))
-        await self._resolve(batch, fresh)
-
-    async def _resolve(self, batch: SinkBatch, claimed: Sequence[int]) -> None:
-        """Count claimed indices against their source batches; settle finished ones."""
-        for i in claimed:
-            tracker = batch.owner(i)
-            if tracker.done(1):
-                await self._settle(tracker)
-
-    async def _unwritten(self, batch: SinkBatch) -> None:
-        """Give up on every message of ``batch`` not resolved yet: the source redelivers."""
-        fresh = batch.claim(range(len(batch)))
-        for i in fresh:
-            batch.owner(i).fail(None)
-        await self._resolve(batch, fresh)
+    # ---------------------------------------------------------------- settling
 
     async def _settle(self, tracker: Tracker) -> None:
         self._live.discard(tracker)
@@ -396,126 +306,47 @@ class Pipeline:
         self.metrics.in_flight.set(self._window.messages)
         self.metrics.in_flight_bytes.set(self._window.bytes)
 
-    # ------------------------------------------------------------ dead letters
-
-    async def _reject(self, rejected: list[Rejected], tracker: Tracker) -> None:
-        batch = SinkBatch()
-        batch.add([r.message for r in rejected], tracker, 0)
-        errors = [(i, RejectedError(r.reason)) for i, r in enumerate(rejected)]
-        try:
-            await self._dead_letter(batch, errors, 0, "rejected")
-        except (_Stopped, asyncio.CancelledError):
-            await self._unwritten(batch)
-            raise
-
-    async def _dead_letter(self, batch: SinkBatch, failed: Sequence[tuple[int, Exception]],
-                           attempts: int, kind: str) -> None:
-        if self.dead_letter is None:
-            for i, error in failed:
-                message = batch.messages[i]
-                self.log.error(
-                    "message rejected and no dead_letter is configured; terminating it at the "
-                    "source: %s", error,
-                    extra={"pipeline": self.name, "source_id": message.id,
-                           "subject": message.subject},
-                )
-                batch.owner(i).terminate(f"{kind}: {error}")
-            self.metrics.rejected_unrouted.inc(len(failed))
-            await self._resolve(batch, batch.claim([i for i, _ in failed]))
-            return
-        letters = []
-        for i, error in failed:
-            m = batch.messages[i]
-            headers = dict(m.headers)
-            headers[H_ERROR] = _header_safe(str(error) or type(error).__name__)
-            headers[H_ERROR_KIND] = kind
-            headers[H_ATTEMPTS] = str(attempts)
-            headers[H_PIPELINE] = self.name
-            if m.subject is not None:
-                headers[H_SUBJECT] = m.subject
-            if m.id is not None:
-                headers[H_SOURCE_ID] = m.id
-            letters.append(Message(m.data, m.subject, m.key, headers, m.timestamp, m.id))
-        backoff = Backoff(self._retry.initial_backoff, self._retry.max_backoff,
-                          self._retry.multiplier)
-        todo = list(range(len(letters)))  # positions in ``letters`` / ``failed``
-        refused: list[tuple[int, Exception]] = []
-        while todo:
-            retry: list[int] = []
-            try:
-                await self._before_deadline(self.dead_letter, [letters[j] for j in todo])
-            except _Stopped:
-                raise
-            except PartialWriteError as exc:
-                known = {k: e for k, e in exc.failed.items() if 0 <= k < len(todo)}
-                refused += [(todo[k], e) for k, e in known.items()
-                            if isinstance(e, RejectedError)]
-                retry = [todo[k] for k, e in known.items() if not isinstance(e, RejectedError)]
-                last: Exception = exc
-            except RejectedError as exc:
-                refused += [(j, exc) for j in todo]
-            except Exception as exc:
-                retry, last = todo, exc
-            todo = retry
-            if todo:
-                wait = backoff.next(getattr(last, "retry_after", None))
-                self.log.error("dead-letter write failed, retrying in %.2fs: %s", wait, last,
-                               extra={"pipeline": self.name})
-                await self._sleep_or_deadline(wait)
-        for j, why in refused:
-            # The last resort refuses it too (too large for it as well, say): a retry
-            # cannot help and would hold the batch for ever. Terminate it at the source.
-            i, error = failed[j]
-            self.log.error("the dead_letter target refused a message; terminating it at the "
-                           "source: %s", why, extra={"pipeline": self.name,
-                                                     "source_id": batch.messages[i].id})
-            batch.owner(i).terminate(f"{kind}: {error}; the dead_letter target refused it: "
-                                     f"{why}")
-        self.metrics.rejected_unrouted.inc(len(refused))
-        written = len(letters) - len(refused)
-        if written:
-            self.metrics.dead_lettered.inc(written)
-            self.log.warning("%d message(s) dead-lettered (%s): %s", written, kind,
-                             failed[0][1], extra={"pipeline": self.name})
-        await self._resolve(batch, batch.claim([i for i, _ in failed]))
-
     # ---------------------------------------------------------- drain & abort
 
+    def _tasks(self) -> set[asyncio.Task[None]]:
+        tasks = set(self._side)
+        for lane in self.lanes:
+            tasks |= lane.tasks
+        return tasks
+
     async def _drain(self) -> None:
-        """Write what was read, within the deadline; nack what cannot be written."""
-        partial = self._batcher.flush()
-        if partial is not None:
-            self._leftover.append(partial)
-        while self._leftover:
-            batch = self._leftover.pop(0)
-            if not await self._before_stop_deadline(self._slots.acquire()):
-                await self._unwritten(batch)
+        """Write what was read, within the deadline; give back what cannot be written."""
+        for lane in self.lanes:
+            lane.park_partial()
+            lane.start_queued()
+        while True:
+            tasks = self._tasks()
+            if not tasks:
+                break
+            some = asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            if await self._shutdown.before_deadline(some):
+                for lane in self.lanes:
+                    lane.start_queued()
                 continue
-            self._spawn(self._write(batch), holds_slot=True)
-        while self._writes:
-            some = asyncio.wait(set(self._writes), return_when=asyncio.FIRST_COMPLETED)
-            if await self._before_stop_deadline(some):
-                continue
-            pending = set(self._writes)
+            pending = self._tasks()
             self.log.warning("shutdown timeout: %d write(s) abandoned; their messages will be "
                              "redelivered by the source", len(pending))
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
             break
+        for lane in self.lanes:
+            await lane.give_back_queued()
         for tracker in list(self._live):  # none expected; never leave one unsettled
             tracker.fail(None)
             await self._settle(tracker)
 
     async def _abandon(self) -> None:
         """After a failure: cancel writes; unwritten messages are nacked."""
-        partial = self._batcher.flush()
-        if partial is not None:
-            self._leftover.append(partial)
-        for batch in self._leftover:
-            await self._unwritten(batch)
-        self._leftover.clear()
-        tasks = set(self._writes)
+        for lane in self.lanes:
+            lane.park_partial()
+            await lane.give_back_queued()
+        tasks = self._tasks()
         for task in tasks:
             task.cancel()
         if tasks:
@@ -538,68 +369,6 @@ class Pipeline:
                 except Exception:
                     self.log.debug("in-progress signal failed", exc_info=True)
 
-    # ---------------------------------------------------------------- waiting
-
-    async def _wait_or_stop(self, aw: Awaitable[object]) -> bool:
-        """Await ``aw``; False (and ``aw`` cancelled) if told to stop first."""
-        if self._stopping.is_set():
-            if inspect.iscoroutine(aw):
-                aw.close()  # never started: close it so it is not reported as leaked
-            return False
-        task = asyncio.ensure_future(aw)
-        stop = asyncio.ensure_future(self._stopping.wait())
-        try:
-            await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stop.cancel()
-        return await _outcome(task)
-
-    async def _before_stop_deadline(self, aw: Awaitable[object]) -> bool:
-        """Await ``aw``; False (``aw`` cancelled) once the shutdown deadline passes.
-
-        With no stop requested yet there is no deadline (the source ended and the
-        drain waits for the last writes): a stop arriving meanwhile brings one.
-        """
-        task = asyncio.ensure_future(aw)
-        while not task.done():
-            if self._deadline is None:
-                stop = asyncio.ensure_future(self._stopping.wait())
-                try:
-                    await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    stop.cancel()
-                continue
-            left = self._deadline - time.monotonic()
-            if left <= 0:
-                break
-            await asyncio.wait({task}, timeout=left)
-        return await _outcome(task)
-
-    async def _sleep_or_stop(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), seconds)
-
-    async def _sleep_or_deadline(self, seconds: float) -> None:
-        if self._deadline is not None:
-            left = self._deadline - time.monotonic()
-            if left <= seconds:
-                await asyncio.sleep(max(0.0, left))
-                raise _Stopped
-        await asyncio.sleep(seconds)
-
-
-async def _outcome(task: asyncio.Future[object]) -> bool:
-    """True if ``task`` finished (its exception, if any, raised here); otherwise
-    cancel it and say False, unless it completed in the same tick as it was
-    cancelled (a semaphore slot taken, a connection made)."""
-    if task.done():
-        task.result()
-        return True
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-    return not task.cancelled() and task.exception() is None
-
 
 class ConnectFailed(Exception):
     """Connecting a plugin failed; carries which one, for a clear log line."""
@@ -612,8 +381,3 @@ class ConnectFailed(Exception):
             f"pipeline {pipeline!r}: {role} {type(plugin).__name__} could not connect: "
             f"{type(cause).__name__}: {cause}"
         )
-
-
-def _header_safe(text: str) -> str:
-    """Header values are one line."""
-    return " ".join(text.split())[:1000]

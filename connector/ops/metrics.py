@@ -42,6 +42,8 @@ REJECTED_UNROUTED = Counter(
 )
 DROPPED = Counter("natsconn_dropped", "Messages lost before natsconn could hold them",
                   ("pipeline", "reason"), registry=REGISTRY)
+FILTERED = Counter("natsconn_filtered", "Messages dropped on purpose by a transform or by routing "
+                   "(acknowledged, not lost)", ("pipeline", "reason"), registry=REGISTRY)
 SOURCE_LAG = Gauge("natsconn_source_lag", "Messages waiting at the source, where it knows", _P,
                    registry=REGISTRY)
 UP = Gauge("natsconn_pipeline_up", "1 while the pipeline is connected and running", _P,
@@ -54,6 +56,26 @@ DISCONNECTS = Counter("natsconn_disconnects", "Plugin connections lost", ("pipel
                       registry=REGISTRY)
 ACKS = Counter("natsconn_source_batches_settled", "Source batches settled, by outcome",
                ("pipeline", "outcome"), registry=REGISTRY)
+
+# Per sink of a pipeline (a pipeline with `sinks:` has several; `sink:` one). The
+# pipeline-level families above are the sums over its sinks.
+_S = ("pipeline", "sink")
+SINK_MESSAGES_OUT = Counter("natsconn_sink_messages_out", "Messages written durably, per sink",
+                            _S, registry=REGISTRY)
+SINK_BATCHES = Counter("natsconn_sink_batches_written", "Batches written, per sink", _S,
+                       registry=REGISTRY)
+SINK_WRITE_SECONDS = Histogram(
+    "natsconn_sink_write_seconds", "Write latency per batch, per sink", _S, registry=REGISTRY,
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+SINK_RETRIES = Counter("natsconn_sink_retries", "Failed write attempts retried, per sink", _S,
+                       registry=REGISTRY)
+SINK_DEAD_LETTERED = Counter("natsconn_sink_dead_lettered",
+                             "Messages this sink could not write, sent to the dead letter", _S,
+                             registry=REGISTRY)
+SINK_QUEUED = Gauge("natsconn_sink_queued_messages",
+                    "Messages in full batches waiting for a free write slot, per sink", _S,
+                    registry=REGISTRY)
 
 _log = logging.getLogger("natsconn.metrics")
 
@@ -78,6 +100,19 @@ class PipelineMetrics:
         self.up = UP.labels(pipeline)
         self.restarts = RESTARTS.labels(pipeline)
         self.acks = {o: ACKS.labels(pipeline, o) for o in ("ack", "nack", "term")}
+        self.unrouted = FILTERED.labels(pipeline, "unrouted")
+
+
+class SinkMetrics:
+    """The metric children of one sink of a pipeline."""
+
+    def __init__(self, pipeline: str, sink: str) -> None:
+        self.messages_out = SINK_MESSAGES_OUT.labels(pipeline, sink)
+        self.batches = SINK_BATCHES.labels(pipeline, sink)
+        self.write_seconds = SINK_WRITE_SECONDS.labels(pipeline, sink)
+        self.retries = SINK_RETRIES.labels(pipeline, sink)
+        self.dead_lettered = SINK_DEAD_LETTERED.labels(pipeline, sink)
+        self.queued = SINK_QUEUED.labels(pipeline, sink)
 
 
 class PluginMeters:
@@ -89,6 +124,7 @@ class PluginMeters:
         self._reconnects = RECONNECTS.labels(pipeline, role)
         self._disconnects = DISCONNECTS.labels(pipeline, role)
         self._lag = SOURCE_LAG.labels(pipeline)
+        self._filtered = FILTERED.labels(pipeline, "transform")
         self._unlogged: dict[str, int] = {}
         self._logged_at: dict[str, float] = {}
 
@@ -101,6 +137,9 @@ class PluginMeters:
             self._logger.warning("%d message(s) dropped: %s", self._unlogged.pop(reason),
                                  reason)
             self._logged_at[reason] = now
+
+    def filtered(self, count: int) -> None:
+        self._filtered.inc(count)
 
     def reconnected(self) -> None:
         self._reconnects.inc()
