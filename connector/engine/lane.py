@@ -23,6 +23,7 @@ from .._message import Message
 from .._plugin import Rejected
 from ..config.model import BatchPolicy, RetryPolicy
 from ..ops.metrics import PipelineMetrics, SinkMetrics
+from ..ops.tracing import WriteTracer
 from .backoff import Backoff
 from .batcher import Batcher, SinkBatch
 from .chain import TransformChain
@@ -37,7 +38,8 @@ class SinkLane:
     def __init__(self, name: str, sink: Any, *, when: Expression | None, chain: TransformChain,
                  batch: BatchPolicy, max_in_flight: int, retry: RetryPolicy,
                  dead_letter: DeadLetter, pipeline: str, metrics: PipelineMetrics,
-                 shutdown: Shutdown, settle: Settle, log: logging.Logger) -> None:
+                 shutdown: Shutdown, settle: Settle, log: logging.Logger,
+                 tracer: WriteTracer | None = None) -> None:
         self.name = name
         self.sink = sink
         self.when = when
@@ -56,6 +58,7 @@ class SinkLane:
         self._queue: deque[SinkBatch] = deque()
         self._busy = 0  # writes holding a slot
         self._freed = asyncio.Event()
+        self.tracer = tracer
 
     # ------------------------------------------------------------ taking work
 
@@ -136,7 +139,7 @@ class SinkLane:
                 ]
                 started = time.perf_counter()
                 try:
-                    await self._shutdown.write(self.sink, messages)
+                    await self._send(messages)
                 except PartialWriteError as exc:
                     index = range(len(batch)) if pending is None else pending
                     failed = exc.failed
@@ -198,6 +201,19 @@ class SinkLane:
             self._log.error("write task failed; the source will redeliver its messages",
                             exc_info=True, extra={"pipeline": self._pipeline})
             await self.unwritten(batch)
+
+    async def _send(self, messages: Sequence[Message]) -> None:
+        tracer = self.tracer
+        if tracer is None:
+            await self._shutdown.write(self.sink, messages)
+            return
+        span = tracer.begin(self._pipeline, self.name, messages)
+        try:
+            await self._shutdown.write(self.sink, messages)
+        except BaseException as exc:
+            tracer.end(span, exc)
+            raise
+        tracer.end(span, None)
 
     async def _written(self, batch: SinkBatch, indices: Sequence[int] | range) -> None:
         if len(indices) == len(batch) and batch.claim_all():  # the common case

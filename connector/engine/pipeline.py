@@ -20,6 +20,7 @@ from .._errors import EndOfInput, RetryableError
 from .._message import Message
 from .._plugin import Rejected, Sink, Source, Transform
 from ..config.loader import PipelineConfig, ResolvedPlugin
+from ..ops import tracing
 from ..ops.metrics import PipelineMetrics, PluginMeters
 from .backoff import Backoff
 from .chain import TransformChain
@@ -85,6 +86,7 @@ class Pipeline:
         )
         self._dlq = DeadLetter(self.dead_letter, self.name, spec.retry, self._shutdown,
                                self.metrics, self.log)
+        self._tracer = tracing.tracer()
         self.lanes = [self._lane(r) for r in config.routes]
         self._router = Router([lane.when for lane in self.lanes], spec.route, spec.unmatched)
         self._lane_chains = any(lane.chain for lane in self.lanes)
@@ -102,7 +104,7 @@ class Pipeline:
         return SinkLane(route.name, sink, when=route.when, chain=chain, batch=route.batch,
                         max_in_flight=route.max_in_flight, retry=route.retry, dead_letter=dlq,
                         pipeline=name, metrics=self.metrics, shutdown=self._shutdown,
-                        settle=self._settle, log=self.log)
+                        settle=self._settle, log=self.log, tracer=self._tracer)
 
     @property
     def sink(self) -> Sink[Any]:
