@@ -13,7 +13,7 @@ from .._errors import ConfigError
 from .._expr import ExpressionError
 from .yaml_tree import Path, format_path
 
-_SECRET_WORDS = ("password", "token", "secret", "seed", "credential", "passphrase")
+SECRET_WORDS = ("password", "token", "secret", "seed", "credential", "passphrase")
 
 
 def _describe(value: Any) -> str:
@@ -86,7 +86,7 @@ def from_validation_error(
         return _expression_error(cause, file, lines, path, what)
     kind = err["type"]
     found = err.get("input")
-    secret = any(isinstance(p, str) and any(w in p.lower() for w in _SECRET_WORDS) for p in loc)
+    secret = any(isinstance(p, str) and any(w in p.lower() for w in SECRET_WORDS) for p in loc)
     suffix = f" ({what})" if what else ""
     if kind == "missing":
         message = (f"required field {loc[-1]!r} is missing (expected `{loc[-1]}:` here, "

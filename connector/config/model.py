@@ -127,7 +127,14 @@ class PipelineSpec(_Strict):
 
 class HttpSettings(_Strict):
     enabled: bool = True
-    address: str = Field("0.0.0.0:8080", description="host:port for /healthz /readyz /metrics")
+    address: str = Field("0.0.0.0:8080", description="host:port for /healthz /readyz /metrics, "
+                         "the admin API (/pipelines, /reload) and the status page (/)")
+    admin_token_file: str | None = Field(
+        None, description="file holding the bearer token that the admin API's mutations "
+        "(pause, resume, restart, reload) need; or NATSCONN_ADMIN_TOKEN. Without either "
+        "the API is read-only")
+    read_token_required: bool = Field(
+        False, description="reads of the admin API and the status page need the token too")
 
     @field_validator("address")
     @classmethod

@@ -47,6 +47,7 @@ __all__ = ["H_ATTEMPTS", "H_ERROR", "H_ERROR_KIND", "H_PIPELINE", "H_SINK", "H_S
 class PipelineState(enum.Enum):
     STARTING = "starting"
     RUNNING = "running"
+    PAUSED = "paused"
     DRAINING = "draining"
     FINISHED = "finished"
     FAILED = "failed"
@@ -71,6 +72,8 @@ class Pipeline:
         self._policy = spec.batch
         self._retry = spec.retry
         self._shutdown = Shutdown()
+        self._resumed = asyncio.Event()
+        self._resumed.set()
         in_flight = max(r.max_in_flight for r in config.routes)
         self._window = Window(spec.batch.max_messages * (in_flight + 1), spec.max_in_flight_bytes)
         self._live: set[Tracker] = set()
@@ -120,6 +123,23 @@ class Pipeline:
     def stop(self, deadline: float) -> None:
         """Stop reading; in-flight work may finish until ``deadline`` (monotonic)."""
         self._shutdown.stop(deadline)
+
+    def pause(self) -> None:
+        """Stop reading; what was read is still written and acknowledged. The
+        source keeps what it holds (JetStream keeps its prefetch alive)."""
+        self._resumed.clear()
+
+    def resume(self) -> None:
+        self._resumed.set()
+
+    @property
+    def paused(self) -> bool:
+        return not self._resumed.is_set()
+
+    @property
+    def window(self) -> Window:
+        """The in-flight bound: messages and bytes read but not yet acknowledged."""
+        return self._window
 
     @property
     def in_flight(self) -> int:
@@ -201,7 +221,18 @@ class Pipeline:
         stopping = shutdown.stopping
         read_backoff = Backoff(self._retry.initial_backoff, self._retry.max_backoff)
         single = lanes[0] if len(lanes) == 1 else None
+        resumed = self._resumed
         while not stopping.is_set():
+            if not resumed.is_set():
+                for lane in lanes:  # what was read goes out now, not after the pause
+                    lane.flush()
+                self.state = PipelineState.PAUSED
+                self.log.info("pipeline paused", extra={"pipeline": self.name})
+                if not await shutdown.wait_or_stop(resumed.wait()):
+                    break
+                self.state = PipelineState.RUNNING
+                self.log.info("pipeline resumed", extra={"pipeline": self.name})
+                continue
             if window.room() == 0:
                 # Nothing more can join a partial batch until room frees, and room
                 # may only free by writing it (a filtering transform, or a byte
