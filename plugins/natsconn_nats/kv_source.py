@@ -17,10 +17,12 @@ Each change becomes one message: ``key`` and ``subject`` the KV key, headers
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Mapping
 from typing import Any
 
+from nats.js import api
 from nats.js.errors import NotFoundError
 from pydantic import Field, field_validator, model_validator
 
@@ -63,6 +65,9 @@ class KvSourceConfig(NatsConnectionConfig):
                                      "may be requested ahead of reads")
     pull_expires: Duration = Field(2.0, gt=0.1, description="lifetime of one pull request")
     domain: str | None = Field(None, description="JetStream domain")
+    resume_in_order: bool = Field(True, description="after a crash, read the revisions the "
+                                  "earlier reader never confirmed again, in order, before "
+                                  "newer ones (recreates the durable after its ack floor)")
 
     @field_validator("bucket")
     @classmethod
@@ -89,9 +94,11 @@ class KvSourceConfig(NatsConnectionConfig):
 
 
 class _KvStream(JetStreamSource):
-    """The jetstream source on a KV bucket's stream, with KV-shaped errors."""
+    """The jetstream source on a KV bucket's stream, with KV-shaped errors, and a
+    durable that resumes in order (see ``_ensure_consumer``)."""
 
     bucket = ""
+    resume_in_order = True
 
     async def _ensure_stream(self, js: Any) -> None:
         try:
@@ -104,6 +111,91 @@ class _KvStream(JetStreamSource):
         if (info.config.max_msgs_per_subject or 0) < 1:
             raise ConnectorError(f"stream {self.config.stream!r} is not a KV bucket "
                                  "(no max_msgs_per_subject)")
+
+    async def _ensure_consumer(self, js: Any) -> None:
+        """Create the durable, or bind it and resume after the last confirmed revision.
+
+        A durable consumer redelivers what an earlier reader took and never
+        acknowledged only once ``ack_wait`` has run out, and meanwhile hands out
+        newer revisions: after a crash a key's older value could overtake its
+        newer one (or a delete). So when the durable has such deliveries and no
+        other reader waits on it (no open pull request once the dead one's have
+        expired), it is created again starting right after its ack floor: every
+        unconfirmed revision comes again, in order, before anything newer.
+        Revisions confirmed beyond the floor come again too (at least once)."""
+        cfg = self.config
+        try:
+            info = await js.consumer_info(cfg.stream, self._durable)
+        except NotFoundError:
+            await self._create(js, api.DeliverPolicy(cfg.deliver_policy.value), None)
+            return
+        have = sorted(info.config.filter_subjects or (
+            [info.config.filter_subject] if info.config.filter_subject else []))
+        if have != sorted(cfg.filter_subjects):
+            raise ConnectorError(
+                f"durable {self._durable!r} on bucket {self.bucket!r} watches {have}, not "
+                f"{sorted(cfg.filter_subjects)}; give another durable, or delete this one "
+                f"(nats consumer rm {cfg.stream} {self._durable})")
+        if self.resume_in_order and info.num_ack_pending:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + cfg.pull_expires + 2.0
+            while info.num_waiting and loop.time() < deadline:
+                await asyncio.sleep(0.2)
+                info = await js.consumer_info(cfg.stream, self._durable)
+            if info.num_waiting:
+                self.context.logger.warning(
+                    "KV bucket %s: another reader is active on durable %s; not resuming "
+                    "in order (%d revisions unconfirmed), per-key order may not hold",
+                    self.bucket, self._durable, info.num_ack_pending)
+            elif info.num_ack_pending:
+                await self._restart_after_floor(js, info)
+                return
+        config = info.config  # keep its start; apply what may change
+        config.ack_wait = cfg.ack_wait
+        config.max_ack_pending = cfg.max_ack_pending
+        try:
+            await js.add_consumer(cfg.stream, config)
+        except Exception as exc:
+            raise ConnectorError(f"cannot bind consumer {self._durable!r} on bucket "
+                                 f"{self.bucket!r}: {exc}") from None
+
+    async def _restart_after_floor(self, js: Any, info: Any) -> None:
+        cfg = self.config
+        created = info.config
+        if info.ack_floor is not None and info.ack_floor.consumer_seq:
+            floor = int(info.ack_floor.stream_seq or 0)
+        elif created.deliver_policy == api.DeliverPolicy.BY_START_SEQUENCE:
+            floor = int(created.opt_start_seq or 1) - 1  # nothing confirmed since its start
+        else:
+            floor = 0
+        self.context.logger.info(
+            "KV bucket %s: %d revisions were delivered to an earlier reader and never "
+            "confirmed; reading again after revision %d, in order", self.bucket,
+            info.num_ack_pending, floor)
+        await js.delete_consumer(cfg.stream, self._durable)
+        if floor == 0:  # nothing confirmed yet: start as the durable first did
+            await self._create(js, created.deliver_policy, None)
+        else:
+            await self._create(js, api.DeliverPolicy.BY_START_SEQUENCE, floor + 1)
+
+    async def _create(self, js: Any, policy: api.DeliverPolicy, start: int | None) -> None:
+        cfg = self.config
+        if policy == api.DeliverPolicy.NEW:
+            # Recorded as a start sequence, so that a restart before the first
+            # confirmation knows where "new" began.
+            info = await js.stream_info(cfg.stream)
+            policy, start = api.DeliverPolicy.BY_START_SEQUENCE, int(info.state.last_seq) + 1
+        config = api.ConsumerConfig(
+            name=self._durable, durable_name=self._durable,
+            ack_policy=api.AckPolicy.EXPLICIT, ack_wait=cfg.ack_wait,
+            max_ack_pending=cfg.max_ack_pending, max_deliver=cfg.max_deliver,
+            deliver_policy=policy, opt_start_seq=start,
+            filter_subjects=cfg.filter_subjects, max_waiting=512)
+        try:
+            await js.add_consumer(cfg.stream, config)
+        except Exception as exc:
+            raise ConnectorError(f"cannot create consumer {self._durable!r} on bucket "
+                                 f"{self.bucket!r}: {exc}") from None
 
 
 class KvSource(Source[KvSourceConfig]):
@@ -140,6 +232,7 @@ class KvSource(Source[KvSourceConfig]):
         self._prefix_len = len(f"$KV.{cfg.bucket}.")
         self._stream = _KvStream(self._stream_config(), self.context)
         self._stream.bucket = cfg.bucket
+        self._stream.resume_in_order = cfg.resume_in_order
         try:
             await self._stream.connect()
         except BaseException:
