@@ -28,6 +28,7 @@ EPILOG = """examples:
   python -m bench run                      # default pairs, 128 B and 1 KiB, full counts
   python -m bench run --quick              # small counts, one run: a smoke test
   python -m bench run --pairs jetstream:nats,generate:drop --sizes 128,1024,65536
+  python -m bench run --pairs processing --sizes 128,256   # transforms beside no transforms
   python -m bench latency --quick          # p50/p99/p99.9 at 10/50/80% of the max rate
   python -m bench stall --quick            # RSS and in-flight while the sink is stalled
   python -m bench list                     # pairs and raw legs known to the harness
@@ -47,7 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--quick", action="store_true",
                      help="small counts, one run, no warm-up (smoke test; figures are rough)")
     run.add_argument("--pairs", help="comma-separated SOURCE:SINK list (default: every "
-                     "default pair; see `list`)")
+                     "default pair; see `list`); `processing`: every pair with transforms "
+                     "(SOURCE:SINK+VARIANT), each beside the same pipeline without them")
     run.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)),
                      help="message sizes in bytes, e.g. 128,1024,65536 (64k and 1KiB work "
                      "too; default 128,1024)")
@@ -180,6 +182,9 @@ def _select(text: str | None) -> list[Pair]:
         return [p for p in PAIRS.values() if p.default]
     chosen = []
     for part in text.split(","):
+        if part.strip() == "processing":  # every pair with transforms (bench/legs/process.py)
+            chosen += [p for p in PAIRS.values() if p.variant]
+            continue
         try:
             name = parse_pair(part)
         except ValueError as exc:
@@ -195,6 +200,9 @@ def _list() -> int:
     print("pairs (default ones marked *):")
     for p in PAIRS.values():
         kind = "engine alone" if p.engine_only else "against raw legs"
+        if p.variant and p.baseline is not None:
+            kind = (f"beside {p.baseline.name} ({'engine alone, ' if p.engine_only else ''}"
+                    f"{p.about})")
         print(f"  {'*' if p.default else ' '} {p.name:<24} {kind}, {p.count:,} messages")
     print("raw legs:")
     for name, ep in ENDPOINTS.items():

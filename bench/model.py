@@ -27,6 +27,7 @@ class Params:
     prefetch_bytes: int = 16 * 2**20  # ... within about this many payload bytes (plugin default)
     ids: bool = False  # messages carry a source id (JetStream sink then sets Nats-Msg-Id)
     storage: str = "file"  # JetStream stream storage
+    payload: str = "random"  # "json": JSON order records (natsconn_dev.orders), else random bytes
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -149,3 +150,41 @@ class Stats:
             "samples": [s.to_json() for s in self.samples],
             "discarded": [s.to_json() for s in self.discarded],
         }
+
+
+@dataclass(frozen=True, slots=True)
+class Comparison:
+    """A pipeline with transforms against the same pipeline without them, from runs
+    taken in turns (without, with, without, with…): each figure is the median over
+    the run pairs, with its range.
+
+    - ``cost``: seconds the transforms add per message, 1/rate with - 1/rate without;
+    - ``cpu_cost``: CPU seconds per message with - without;
+    - ``ratio``: rate with / rate without.
+    """
+
+    cost: float
+    cost_min: float
+    cost_max: float
+    cpu_cost: float
+    ratio: float
+    ratio_min: float
+    ratio_max: float
+    pairs: int
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def compare(with_: list[Sample], without: list[Sample]) -> Comparison | None:
+    """Pair the i-th run with transforms with the i-th without (both lists in the
+    order the run pairs were kept); None when there is no pair to compare."""
+    pairs = [(a, b) for a, b in zip(with_, without, strict=False) if a.rate and b.rate]
+    if not pairs:
+        return None
+    costs = [1 / a.rate - 1 / b.rate for a, b in pairs]
+    cpus = [a.cpu_per_message - b.cpu_per_message for a, b in pairs]
+    ratios = [a.rate / b.rate for a, b in pairs]
+    return Comparison(statistics.median(costs), min(costs), max(costs),
+                      statistics.median(cpus), statistics.median(ratios), min(ratios),
+                      max(ratios), len(pairs))

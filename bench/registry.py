@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 from .endpoint import Endpoint
 
@@ -26,6 +27,15 @@ class Pair:
     ``engine_only`` pairs (generate → drop) have no raw legs and no far side;
     they are judged by ``target_rate`` alone. Bridge pairs are judged by the
     ratio of the pipeline to its slower raw leg (``target_ratio``).
+
+    A **variant** (``variant="filter"``, named ``generate->drop+filter``) is the
+    same pipeline with ``transforms``; it is measured beside its
+    :attr:`baseline` (the pipeline without them, on the same payloads, in the
+    same run) instead of against raw legs, and judged by the transforms' cost
+    per message (``target_cost``, µs: 1/rate with - 1/rate without) or by its
+    rate over the baseline's (``target_ratio``). ``payload="json"``: the
+    messages are small JSON order records (natsconn_dev.orders) instead of
+    random bytes, for the baseline too.
     """
 
     source: str
@@ -37,10 +47,26 @@ class Pair:
     target_rate: float | None = None
     target_ratio: float | None = 0.8
     default: bool = True  # measured when --pairs is not given
+    variant: str = ""  # a name for these transforms: the pair is "source->sink+variant"
+    transforms: tuple[dict[str, Any], ...] = ()  # the pipeline's transforms: blocks
+    payload: str = "random"  # "json": JSON order records (generate payload: json, preloads)
+    target_cost: float | None = None  # variants: most µs per message the transforms may add
+    min_size: int = 0  # smaller --sizes are skipped (a 10-field record needs the room)
+    about: str = ""  # one line for the report: what the transforms do
 
     @property
     def name(self) -> str:
-        return f"{self.source}->{self.sink}"
+        base = f"{self.source}->{self.sink}"
+        return f"{base}+{self.variant}" if self.variant else base
+
+    @property
+    def baseline(self) -> Pair | None:
+        """A variant's pipeline without its transforms (same payloads); None for a
+        plain pair."""
+        if not self.variant:
+            return None
+        return replace(self, variant="", transforms=(), target_cost=None, about="",
+                       target_ratio=None, default=False)
 
 
 def endpoint(cls: type[Endpoint]) -> type[Endpoint]:

@@ -92,6 +92,56 @@ def _mark(holds: bool | None) -> str:
     return {True: "yes", False: "**no**", None: "-"}[holds]
 
 
+def _cost(seconds: float) -> str:
+    return f"{seconds * 1e6:+.2f}"
+
+
+def processing(results: list[PairResult]) -> list[str]:
+    """The variants' table: each pipeline with transforms beside itself without."""
+    rows = [r for r in results if r.pair.variant]
+    if not rows:
+        return []
+    out = ["## Processing", "",
+           "| pipeline | transforms | size | count | msg/s with (range) | msg/s without "
+           "(range) | ratio (range) | cost µs/msg (range) | CPU µs/msg with / without (Δ) | "
+           "target | peak RSS | delivered |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        name = r.pair.name + (" (engine)" if r.pair.engine_only else "")
+        if r.error is not None:
+            out.append(f"| {name} | {r.pair.about} | {r.size} B | {r.params.count:,} | "
+                       f"failed: {r.error} | - | - | - | - | - | - | - |")
+            continue
+        p, b, c = r.pipeline, r.baseline, r.comparison
+        targets = []
+        if r.pair.target_cost is not None:
+            targets.append(f"<= {r.pair.target_cost:g} µs")
+        if r.pair.target_ratio is not None:
+            targets.append(f">= {r.pair.target_ratio:g}x")
+        target = f"{' and '.join(targets)}: {_mark(r.holds)}" if targets else "-"
+        without = _range(b) if b is not None else "-"
+        if c is None or b is None:
+            ratio = cost = cpu = "-"
+        else:
+            ratio = f"{c.ratio:.2f} ({c.ratio_min:.2f}-{c.ratio_max:.2f})"
+            cost = f"{_cost(c.cost)} ({_cost(c.cost_min)} to {_cost(c.cost_max)})"
+            cpu = (f"{_us(p.stats.cpu_per_message)} / {_us(b.stats.cpu_per_message)} "
+                   f"({_cost(c.cpu_cost)})")
+        delivered = p.stats.delivered_min
+        got = "-" if delivered is None else (
+            "all" if delivered >= r.params.count else f"{delivered:,} (min)")
+        out.append(f"| {name} | {r.pair.about} | {r.size} B | {r.params.count:,} | "
+                   f"{_range(p)} | {without} | {ratio} | {cost} | {cpu} | {target} | "
+                   f"{p.stats.peak_rss / 2**20:.0f} MiB | {got} |")
+    out += ["", "Each pipeline with its transforms and the same pipeline without them "
+            "(same payloads: JSON order records), run in turns in the same run (without, "
+            "with, without, with…). Cost: 1/rate with - 1/rate without, per run pair, median "
+            "and range; CPU Δ: natsconn's CPU per message with - without (median of the run "
+            "pairs); ratio: rate with / rate without. Rates count source messages (a filter's "
+            "dropped ones included).", ""]
+    return out
+
+
 def markdown(results: list[PairResult], cond: dict[str, Any]) -> str:
     out = ["# natsconn benchmark", ""]
     out.append("| pipeline | size | count | pipeline msg/s (range) | raw consume leg | "
@@ -100,6 +150,8 @@ def markdown(results: list[PairResult], cond: dict[str, Any]) -> str:
     out.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         p = r.pipeline
+        if r.pair.variant:  # in the Processing table
+            continue
         if r.error is not None:
             out.append(f"| {r.pair.name} | {r.size} B | {r.params.count:,} | failed: "
                        f"{r.error} | - | - | - | - | - | - | - | - |")
@@ -133,6 +185,7 @@ def markdown(results: list[PairResult], cond: dict[str, Any]) -> str:
             "legs' (target <= 1.3x). CPU use: natsconn's CPU seconds per second over the "
             "window (1.00 = one core busy throughout: CPU-bound), and nats-server's over the "
             "same window.", ""]
+    out += processing(results)
     legs = [m for r in results for m in (*r.consume, *r.produce)]
     seen: set[str] = set()
     if legs:
@@ -159,15 +212,16 @@ def markdown(results: list[PairResult], cond: dict[str, Any]) -> str:
         out.append("")
     out += ["## Conditions", ""]
     out += [f"- {k}: {v}" for k, v in cond.items()]
-    noisy = [(r, m) for r in results for m in (r.pipeline, *r.consume, *r.produce)
-             if m.stats.discarded]
-    loads = [m.stats.load for r in results for m in (r.pipeline, *r.consume, *r.produce)]
-    others = [m.stats.other_cores for r in results for m in (r.pipeline, *r.consume, *r.produce)]
+    measured = [m for r in results for m in (r.pipeline, *r.consume, *r.produce,
+                                              *([r.baseline] if r.baseline else []))]
+    noisy = [m for m in measured if m.stats.discarded]
+    loads = [m.stats.load for m in measured]
+    others = [m.stats.other_cores for m in measured]
     if loads:
         out.append(f"- load average (1 min) during kept runs: up to {max(loads):.2f}; foreign "
                    f"CPU (other processes) up to {max(others):.2f} cores")
     if noisy:
-        out.append(f"- {sum(len(m.stats.discarded) for _, m in noisy)} noisy run(s) replaced "
+        out.append(f"- {sum(len(m.stats.discarded) for m in noisy)} noisy run(s) replaced "
                    "by reruns (foreign CPU above the threshold)")
     out.append("")
     return "\n".join(out)
@@ -199,5 +253,6 @@ def load(path: Path) -> tuple[list[PairResult], dict[str, Any]]:
         results.append(PairResult(
             PAIRS[r["pair"]], r["size"], Params.from_json(r["params"]),
             _measured(r["pipeline"]), [_measured(m) for m in r["consume"]],
-            [_measured(m) for m in r["produce"]], r.get("error")))
+            [_measured(m) for m in r["produce"]], r.get("error"),
+            _measured(r["baseline"]) if r.get("baseline") else None))
     return results, data["conditions"]

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from .endpoint import Endpoint
-from .model import Params, Place, Sample, Stats
+from .model import Comparison, Params, Place, Sample, Stats, compare
 from .procs import Child, CpuMeter, ServerCpu
 from .profile import Recorder
 from .registry import ENDPOINTS, Pair
@@ -97,6 +97,14 @@ class PairResult:
     consume: list[Measured] = field(default_factory=list)
     produce: list[Measured] = field(default_factory=list)
     error: str | None = None
+    baseline: Measured | None = None  # a variant: the pipeline without its transforms
+
+    @property
+    def comparison(self) -> Comparison | None:
+        """A variant against its baseline, run pair by run pair."""
+        if self.baseline is None:
+            return None
+        return compare(self.pipeline.stats.samples, self.baseline.stats.samples)
 
     @staticmethod
     def _best(legs: list[Measured]) -> Measured | None:
@@ -133,6 +141,16 @@ class PairResult:
 
     @property
     def holds(self) -> bool | None:
+        if self.pair.variant:
+            c = self.comparison
+            if c is None:
+                return None
+            verdicts = []
+            if self.pair.target_cost is not None:
+                verdicts.append(c.cost * 1e6 <= self.pair.target_cost)
+            if self.pair.target_ratio is not None:
+                verdicts.append(c.ratio >= self.pair.target_ratio)
+            return all(verdicts) if verdicts else None
         if self.pair.engine_only:
             target = self.pair.target_rate
             return None if target is None else self.pipeline.stats.rate >= target
@@ -152,6 +170,10 @@ class PairResult:
             "ratio": self.ratio, "cpu_ratio": self.cpu_ratio,
             "target_ratio": self.pair.target_ratio, "target_rate": self.pair.target_rate,
             "holds": self.holds, "error": self.error,
+            **({"variant": self.pair.variant, "transforms": list(self.pair.transforms),
+                "baseline": self.baseline.to_json() if self.baseline else None,
+                "comparison": c.to_json() if (c := self.comparison) else None,
+                "target_cost": self.pair.target_cost} if self.pair.variant else {}),
         }
 
 
@@ -209,6 +231,10 @@ class Harness:
         results = []
         for pair in self.opts.pairs:
             for size in self.opts.sizes:
+                if size < pair.min_size:
+                    self.say(f"{pair.name} {size}B | skipped: needs messages of at least "
+                             f"{pair.min_size} B")
+                    continue
                 try:
                     results.append(await self.run_pair(pair, size))
                 except BenchError as exc:  # one pair failing does not end the run
@@ -232,12 +258,14 @@ class Harness:
         return Params(size=size, count=count, batch=o.batch, max_wait=o.max_wait,
                       max_in_flight=o.max_in_flight,
                       prefetch=o.prefetch, prefetch_bytes=o.prefetch_bytes,
-                      ids=src.gives_ids, storage=o.storage)
+                      ids=src.gives_ids, storage=o.storage, payload=pair.payload)
 
     async def run_pair(self, pair: Pair, size: int) -> PairResult:
         params = self.params(pair, size)
         src, dst = self.endpoints[pair.source], self.endpoints[pair.sink]
         label = f"{pair.name} {size}B"
+        if pair.variant:
+            return await self.run_variant(pair, size, params)
         if pair.engine_only:
             stats = await self.measure(f"{label} | engine", params.count,
                                        lambda p: self.engine_once(pair, src, dst, p), params)
@@ -257,6 +285,62 @@ class Harness:
         return PairResult(pair, size, params,
                           Measured("pipeline", pair.name, "natsconn run", params, stats),
                           consume, produce)
+
+    async def run_variant(self, pair: Pair, size: int, params: Params) -> PairResult:
+        """A pipeline with transforms and the same without them, measured in turns
+        (no raw legs: the comparison is with the baseline)."""
+        base = pair.baseline
+        assert base is not None
+        src, dst = self.endpoints[pair.source], self.endpoints[pair.sink]
+        kind, technique = (("engine", "natsconn engine") if pair.engine_only
+                           else ("pipeline", "natsconn run"))
+
+        def once(which: Pair) -> Callable[[Params], Awaitable[Sample]]:
+            if which.engine_only:
+                return lambda p: self.engine_once(which, src, dst, p)
+            return lambda p: self.pipeline_once(which, src, dst, p)
+
+        label = f"{pair.name} {size}B"
+        without, with_ = await self.measure_beside(
+            params, (f"{label} | without transforms", once(base)),
+            (f"{label} | with transforms", once(pair)))
+        return PairResult(pair, size, params, Measured(kind, pair.name, technique, params, with_),
+                          baseline=Measured(kind, base.name, technique, params, without))
+
+    async def measure_beside(
+            self, params: Params,
+            *sides: tuple[str, Callable[[Params], Awaitable[Sample]]]) -> list[Stats]:
+        """Like :meth:`measure` for several things measured in turns (A, B, A, B…),
+        so that a change in the machine's speed falls on each alike. A round where
+        any of them was noisy is noisy; the quietest rounds are kept, each thing's
+        samples in the same order (sample i of one pairs with sample i of another)."""
+        o = self.opts
+        if o.warmup:
+            warm = replace(params, count=max(params.count // 4, min(params.count, 1000)))
+            for label, once in sides:
+                await self.quiet()
+                self._line(label, "warm-up", await once(warm))
+        rounds: list[list[Sample]] = []
+        extra = 0
+        while True:
+            n = len(rounds) + 1
+            taken = []
+            for label, once in sides:
+                await self.quiet()
+                sample = await once(params)
+                taken.append(sample)
+                noisy = sample.other_cores > o.noise
+                self._line(label, f"run {n}/{o.runs}" + (" (noisy)" if noisy else ""), sample)
+            rounds.append(taken)
+            if len(rounds) < o.runs:
+                continue
+            quiet = [r for r in rounds if _round_noise(r) <= o.noise]
+            if len(quiet) >= o.runs or extra >= o.max_extra:
+                break
+            extra += 1
+        kept, dropped = keep_quietest(rounds, o.runs)
+        return [Stats([r[i] for r in kept], [r[i] for r in dropped])
+                for i in range(len(sides))]
 
     async def raw(self, label: str, ep: Endpoint, kind: str, technique: str,
                   params: Params) -> Measured:
@@ -451,10 +535,14 @@ class Harness:
 
     def pipeline_config(self, pair: Pair, source: dict[str, Any], sink: dict[str, Any],
                         params: Params, http: str | None) -> dict[str, Any]:
+        transforms = {"transforms": [dict(t) for t in pair.transforms]} if pair.transforms \
+            else {}
         return {
             "pipelines": [{
-                "name": f"bench-{pair.source}-{pair.sink}",
+                "name": f"bench-{pair.source}-{pair.sink}"
+                        + (f"-{pair.variant}" if pair.variant else ""),
                 "source": source,
+                **transforms,
                 "sink": sink,
                 "batch": {"max_messages": params.batch,
                           "max_wait": f"{round(params.max_wait * 1000)}ms"},
@@ -602,6 +690,19 @@ class Harness:
         seconds = last[0] - first[0]
         return Sample(messages, seconds, last[2] - first[2], 0, seen, os.getloadavg()[0],
                       server_cores=(last[3] - first[3]) / seconds, notes=notes)
+
+
+def _round_noise(samples: list[Sample]) -> float:
+    """A round of runs taken in turns is as noisy as its noisiest run."""
+    return max((s.other_cores for s in samples), default=0.0)
+
+
+def keep_quietest(rounds: list[list[Sample]], runs: int
+                  ) -> tuple[list[list[Sample]], list[list[Sample]]]:
+    """The ``runs`` quietest rounds (kept in the order they ran) and the rest."""
+    ranked = sorted(range(len(rounds)), key=lambda i: _round_noise(rounds[i]))
+    keep = sorted(ranked[:runs])
+    return [rounds[i] for i in keep], [rounds[i] for i in sorted(ranked[runs:])]
 
 
 def _get_status(url: str) -> int:

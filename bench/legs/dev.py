@@ -24,8 +24,13 @@ class Generate(Endpoint):
 
     def source_block(self, place: Place, params: Params) -> dict[str, Any]:
         # A constant subject and no ids: the engine's cost, not the generator's formatting.
-        return {"type": "generate", "count": params.count, "size": params.size,
-                "subject": "bench.generated", "ids": False}
+        block = {"type": "generate", "count": params.count, "size": params.size,
+                 "subject": "bench.generated", "ids": False}
+        if params.payload == "json":
+            # JSON order records on 20 subjects (orders.0 … orders.19: a subject filter
+            # on "orders.1" keeps 11 of 20), made once each (natsconn_dev.orders).
+            block |= {"payload": "json", "subject": "orders.{mod}", "modulo": 20}
+        return block
 
 
 @endpoint

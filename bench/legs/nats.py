@@ -60,6 +60,18 @@ def payload(size: int) -> bytes:
     return os.urandom(size)
 
 
+def payloads(params: Params) -> bytes | list[bytes]:
+    """What a produce leg writes: one random payload for every message, or with
+    ``payload: json`` the count's JSON order records (as ``generate`` makes them,
+    made before the clock starts)."""
+    if params.payload != "json":
+        return payload(params.size)
+    from natsconn_dev import orders
+
+    tails = orders.tails(params.size)
+    return [orders.record(seq, tails) for seq in range(params.count)]
+
+
 def _status(msg: Msg) -> str | None:
     """The status code of a JetStream control message (no data, Status header)."""
     headers = msg.headers
@@ -151,14 +163,18 @@ class CoreNats(_NatsBase):
 
     async def produce_flush_per_batch(self, place: Place, params: Params) -> Sample:
         nc = await connect(self.env, "bench-core-produce")
-        subject, data = place["subject"], payload(params.size)
+        subject, data = place["subject"], payloads(params)
         publish, n, batch = nc.publish, params.count, params.batch
         watch = Stopwatch()
         sent = 0
         while sent < n:
             k = min(batch, n - sent)
-            for _ in range(k):
-                await publish(subject, data)
+            if isinstance(data, list):
+                for seq in range(sent, sent + k):
+                    await publish(subject, data[seq])
+            else:
+                for _ in range(k):
+                    await publish(subject, data)
             await nc.flush(timeout=30)
             sent += k
         sample = watch.sample(sent)
@@ -235,13 +251,17 @@ class _PubAcks:
         if state[0] == 0:
             state[1].set_result(None)
 
-    async def publish_batch(self, batch_id: str, subject: str, data: bytes, first: int,
-                            count: int, id_prefix: str | None) -> None:
+    async def publish_batch(self, batch_id: str, subject: str, data: bytes | list[bytes],
+                            first: int, count: int, id_prefix: str | None) -> None:
         future = asyncio.get_running_loop().create_future()
         self.waiting[batch_id] = [count, future]
         reply = f"{self.inbox}.{batch_id}"
         publish = self.nc.publish
-        if id_prefix is None:
+        if isinstance(data, list):  # one payload per message
+            for seq in range(first, first + count):
+                headers = {"Nats-Msg-Id": f"{id_prefix}{seq}"} if id_prefix else None
+                await publish(subject, data[seq], reply=reply, headers=headers)
+        elif id_prefix is None:
             for _ in range(count):
                 await publish(subject, data, reply=reply)
         else:
@@ -318,7 +338,7 @@ class JetStream(_NatsBase):
         nc = await connect(self.env, "bench-js-produce")
         acks = _PubAcks(nc)
         await acks.start()
-        subject, data = place["subject"], payload(params.size)
+        subject, data = place["subject"], payloads(params)
         id_prefix = f"{place['stream']}:" if params.ids else None
         slots = asyncio.Semaphore(params.max_in_flight)
         tasks: set[asyncio.Task[None]] = set()

@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from typing import Literal, Self
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from connector import Batch, EndOfInput, Message, PluginConfig, Source
+
+from . import orders
 
 
 class GenerateConfig(PluginConfig):
@@ -16,13 +19,24 @@ class GenerateConfig(PluginConfig):
     rate: float | None = Field(None, gt=0, description="messages per second; unset for "
                                "as fast as the pipeline takes them")
     size: int = Field(128, ge=12, le=64 * 1024 * 1024,
-                      description="payload bytes; the first 12 are the sequence number")
+                      description="payload bytes; random: the first 12 are the sequence number")
+    payload: Literal["random", "json"] = Field(
+        "random", description="random: the sequence number's 12 digits, then random bytes; "
+        "json: a JSON order record (order_id holding the sequence number, amount, currency, "
+        f"region, customer, items; 10 fields from {orders.FULL_SIZE} bytes on) padded to "
+        f"`size` (at least {orders.MIN_SIZE})")
     subject: str = Field("generated.{mod}", description="subject; {seq} is the sequence "
                          "number, {mod} the sequence number modulo `modulo`")
     modulo: int = Field(10, ge=1)
     key: str | None = Field(None, description="key template, same placeholders as subject")
     headers: dict[str, str] = Field(default_factory=dict)
     ids: bool = Field(True, description="give each message the id 'gen-<seq>'")
+
+    @model_validator(mode="after")
+    def _fits(self) -> Self:
+        if self.payload == "json" and self.size < orders.MIN_SIZE:
+            raise ValueError(f"payload json needs size >= {orders.MIN_SIZE}, found {self.size}")
+        return self
 
 
 class GenerateSource(Source[GenerateConfig]):
@@ -34,8 +48,12 @@ class GenerateSource(Source[GenerateConfig]):
         cfg = self.config
         self._seq = 0
         self._started = time.monotonic()
-        self._filler = os.urandom(cfg.size - 12)
+        self._filler = os.urandom(cfg.size - 12) if cfg.payload == "random" else b""
+        self._tails = orders.tails(cfg.size) if cfg.payload == "json" else []
         self._subject_const = "{" not in cfg.subject
+        # Only {mod} in the subject: the modulo's subjects, made once.
+        self._subjects = ([cfg.subject.replace("{mod}", str(i)) for i in range(cfg.modulo)]
+                          if "{mod}" in cfg.subject and "{seq}" not in cfg.subject else None)
         self._headers = dict(cfg.headers)
 
     def _subject(self, seq: int) -> str:
@@ -59,6 +77,8 @@ class GenerateSource(Source[GenerateConfig]):
         self._seq += n
         filler, headers, now = self._filler, self._headers, time.time()
         subject_const = cfg.subject if self._subject_const else None
+        subjects, modulo = self._subjects, cfg.modulo
+        tails, pool, prefix = self._tails, len(self._tails), orders.PREFIX
         key_tpl = cfg.key
         messages = []
         for seq in range(first, first + n):
@@ -67,8 +87,10 @@ class GenerateSource(Source[GenerateConfig]):
                 key = key_tpl.replace("{seq}", str(seq)).replace(
                     "{mod}", str(seq % cfg.modulo)).encode()
             messages.append(Message(
-                b"%012d" % seq + filler,
-                subject_const or self._subject(seq),
+                prefix + b"%012d" % seq + tails[seq % pool] if pool
+                else b"%012d" % seq + filler,
+                subject_const or (subjects[seq % modulo] if subjects is not None
+                                  else self._subject(seq)),
                 key,
                 headers,
                 now,
