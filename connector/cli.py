@@ -20,7 +20,7 @@ from .config.loader import LoadedFile, load_file
 from .docs_gen import option_rows
 from .engine.pipeline import PipelineState
 from .engine.supervisor import Supervisor
-from .ops import logs
+from .ops import logs, tracing
 from .ops.http import OpsServer
 from .ops.metrics import REGISTRY
 from .registry import Kind, Registry
@@ -232,6 +232,15 @@ async def _serve(loaded: LoadedFile, http_address: str | None, progress: bool,
     instance = os.environ.get("NATSCONN_INSTANCE") or os.environ.get("POD_NAME") or (
         socket.gethostname()
     )
+    tracing.configure()  # OTEL_* variables; off unless asked for (docs/operations.md)
+    try:
+        return await _supervise(loaded, instance, http_address, progress, until_idle)
+    finally:  # export the spans still queued
+        await asyncio.to_thread(tracing.shutdown)
+
+
+async def _supervise(loaded: LoadedFile, instance: str, http_address: str | None,
+                     progress: bool, until_idle: float | None) -> int:
     supervisor = Supervisor(loaded, instance)
     http_settings = loaded.spec.http
     address = http_address or http_settings.address
