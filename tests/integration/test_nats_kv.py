@@ -13,7 +13,6 @@ issue's full run is ``NATSCONN_KV_PUTS=100000``), with one delete per 100 puts.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import signal
