@@ -79,7 +79,7 @@ async def _read(bootstrap: str, topic: str) -> list[tuple[bytes, bytes, dict[str
                                 auto_offset_reset="earliest",
                                 max_partition_fetch_bytes=2 * LIMIT, fetch_max_bytes=2 * LIMIT)
     await consumer.start()
-    out = []
+    out: list[tuple[bytes, bytes, dict[str, bytes]]] = []
     try:
         tp = TopicPartition(topic, 0)
         consumer.assign([tp])
