@@ -35,7 +35,7 @@ Resolve = Callable[[SinkBatch, Sequence[int]], Awaitable[None]]
 class DeadLetter:
     def __init__(self, target: Any, pipeline: str, retry: RetryPolicy, shutdown: Shutdown,
                  metrics: PipelineMetrics, log: logging.Logger, sink_name: str | None = None,
-                 counter: Any = None) -> None:
+                 counter: Any = None, distinct: bool = False) -> None:
         self.target = target  # a Sink, or None
         self._pipeline = pipeline
         self._retry = retry
@@ -44,11 +44,14 @@ class DeadLetter:
         self._log = log
         self._sink_name = sink_name
         self._counter = counter  # the sink's own dead-lettered counter, if any
+        # With several sinks, two may dead-letter the same message into one target:
+        # the letters' ids name the sink, so a deduplicating target keeps both.
+        self._distinct = distinct
 
-    def for_sink(self, sink_name: str, counter: Any) -> DeadLetter:
+    def for_sink(self, sink_name: str, counter: Any, distinct: bool = False) -> DeadLetter:
         """The same target, labelling letters with the sink that could not write them."""
         return DeadLetter(self.target, self._pipeline, self._retry, self._shutdown,
-                          self._metrics, self._log, sink_name, counter)
+                          self._metrics, self._log, sink_name, counter, distinct)
 
     def letter(self, m: Message, error: Exception, attempts: int, kind: str) -> Message:
         headers = dict(m.headers)
@@ -62,7 +65,10 @@ class DeadLetter:
             headers[H_SUBJECT] = m.subject
         if m.id is not None:
             headers[H_SOURCE_ID] = m.id
-        return Message(m.data, m.subject, m.key, headers, m.timestamp, m.id)
+        letter_id = m.id
+        if self._distinct and m.id is not None and self._sink_name is not None:
+            letter_id = f"{m.id}@{self._sink_name}"
+        return Message(m.data, m.subject, m.key, headers, m.timestamp, letter_id)
 
     async def send(self, batch: SinkBatch, failed: Sequence[tuple[int, Exception]],
                    attempts: int, kind: str, resolve: Resolve) -> None:

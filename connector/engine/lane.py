@@ -39,7 +39,7 @@ class SinkLane:
                  batch: BatchPolicy, max_in_flight: int, retry: RetryPolicy,
                  dead_letter: DeadLetter, pipeline: str, metrics: PipelineMetrics,
                  shutdown: Shutdown, settle: Settle, log: logging.Logger,
-                 tracer: WriteTracer | None = None) -> None:
+                 tracer: WriteTracer | None = None, distinct_letters: bool = False) -> None:
         self.name = name
         self.sink = sink
         self.when = when
@@ -47,7 +47,8 @@ class SinkLane:
         self.max_in_flight = max_in_flight
         self.batcher = Batcher(batch.max_messages, batch.max_bytes, batch.max_wait)
         self.sink_metrics = SinkMetrics(pipeline, name)
-        self.dead_letter = dead_letter.for_sink(name, self.sink_metrics.dead_lettered)
+        self.dead_letter = dead_letter.for_sink(name, self.sink_metrics.dead_lettered,
+                                                distinct_letters)
         self.tasks: set[asyncio.Task[None]] = set()
         self._retry = retry
         self._pipeline = pipeline

@@ -74,8 +74,10 @@ class Pipeline:
         self._shutdown = Shutdown()
         self._resumed = asyncio.Event()
         self._resumed.set()
-        in_flight = max(r.max_in_flight for r in config.routes)
-        self._window = Window(spec.batch.max_messages * (in_flight + 1), spec.max_in_flight_bytes)
+        # Room for every sink's full set of batches: its slots and one filling.
+        bound = max(r.batch.max_messages * (r.max_in_flight + 1) for r in config.routes)
+        self._window = Window(max(bound, spec.batch.max_messages * (spec.max_in_flight + 1)),
+                              spec.max_in_flight_bytes)
         self._live: set[Tracker] = set()
         self._side: set[asyncio.Task[None]] = set()  # dead-lettering of transform rejects
         self.source: Source[Any] = _instantiate(config.source, self.name, "source", instance)
@@ -107,7 +109,8 @@ class Pipeline:
         return SinkLane(route.name, sink, when=route.when, chain=chain, batch=route.batch,
                         max_in_flight=route.max_in_flight, retry=route.retry, dead_letter=dlq,
                         pipeline=name, metrics=self.metrics, shutdown=self._shutdown,
-                        settle=self._settle, log=self.log, tracer=self._tracer)
+                        settle=self._settle, log=self.log, tracer=self._tracer,
+                        distinct_letters=len(self.config.routes) > 1)
 
     @property
     def sink(self) -> Sink[Any]:

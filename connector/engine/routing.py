@@ -5,7 +5,8 @@ holds (a sink without ``when:`` takes everything); ``switch`` sends it to the
 first such sink, in the order written. A message no sink takes is dropped
 (acknowledged and counted ``natsconn_filtered{reason="unrouted"}``) or, with
 ``unmatched: dead_letter``, dead-lettered. A ``when:`` that fails on a message
-(a field it reads is missing) rejects that message with the reason.
+(a field it reads is missing) dead-letters that message once with the reason;
+with ``broadcast`` the other sinks still get it, with ``switch`` none does.
 """
 
 from __future__ import annotations
@@ -49,14 +50,24 @@ class Router:
         for message in messages:
             bindings = Bindings(message)
             hits: list[int] = []
-            try:
-                for k, condition in enumerate(conditions):
+            failure: str | None = None
+            for k, condition in enumerate(conditions):
+                try:
                     if condition is None or condition.test(bindings):
                         hits.append(k)
                         if first_match:
                             break
-            except RejectedError as exc:
-                rejected.append(Rejected(message, str(exc)))
+                except RejectedError as exc:
+                    # Broadcast: only the sink whose `when:` failed loses the message
+                    # (it is dead-lettered once); switch cannot tell the first match.
+                    failure = failure or str(exc)
+                    if first_match:
+                        break
+            if failure is not None:
+                rejected.append(Rejected(message, failure))
+                if first_match:
+                    continue
+            if not hits and failure is not None:
                 continue
             if not hits:
                 unmatched.append(message)

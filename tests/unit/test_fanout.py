@@ -180,7 +180,8 @@ async def test_each_sink_has_its_own_dead_letter_and_retry_policy() -> None:
     await finish(pipe)
     own = cast(FakeSink, pipe.lanes[0].dead_letter.target)
     assert own is not pipe.dead_letter
-    assert ids(own.written) == ["id-0", "id-1", "id-2"]
+    assert ids(own.written) == ["id-0@strict", "id-1@strict", "id-2@strict"]
+    assert [m.headers["Natsconn-Source-Id"] for m in own.written] == ["id-0", "id-1", "id-2"]
     assert all(m.headers["Natsconn-Sink"] == "strict" for m in own.written)
     assert all(m.headers["Natsconn-Error-Kind"] == "exhausted" for m in own.written)
     assert cast(FakeSink, pipe.dead_letter).written == []
@@ -202,9 +203,35 @@ async def test_a_rejecting_sink_dead_letters_with_the_sink_named_and_the_rest_fl
     await finish(pipe)
     letters = cast(FakeSink, pipe.dead_letter).written
     assert ids(a.written) == ["id-0", "id-1"]
-    assert ids(letters) == ["id-0", "id-1"]
+    # The letters' ids name the sink: two sinks dead-lettering one message into one
+    # deduplicating target (JetStream's Nats-Msg-Id) must leave two letters.
+    assert ids(letters) == ["id-0@b", "id-1@b"]
     assert {m.headers["Natsconn-Sink"] for m in letters} == {"b"}
     assert ack.settlements == [("ack", None)]
+
+
+async def test_a_failing_when_costs_only_its_own_sink_in_broadcast() -> None:
+    pipe = fan({"name": "big", "when": "data.amount > 10", "sink": FAKE},
+               {"name": "all", "sink": FAKE}, dead_letter=FAKE)
+    switch = fan({"name": "big", "when": "data.amount > 10", "sink": FAKE},
+                 {"name": "all", "sink": FAKE}, route="switch", dead_letter=FAKE)
+    for p in (pipe, switch):
+        source_of(p).feed([Message(b'{"price": 1}', "o.1", id="odd"),
+                           Message(b'{"amount": 11}', "o.2", id="big")])
+        await finish(p)
+    big, everything = sinks(pipe)
+    assert ids(big.written) == ["big"] and ids(everything.written) == ["odd", "big"]
+    assert ids(cast(FakeSink, pipe.dead_letter).written) == ["odd"]
+    big, everything = sinks(switch)
+    assert ids(big.written) == ["big"] and ids(everything.written) == [], \
+        "switch: a failing first condition decides nothing, the message is dead-lettered"
+    assert ids(cast(FakeSink, switch.dead_letter).written) == ["odd"]
+
+
+def test_the_window_holds_every_sinks_batches() -> None:
+    pipe = fan({"sink": FAKE, "batch": {"max_messages": 500}, "max_in_flight": 3},
+               {"sink": FAKE}, batch={"max_messages": 100}, max_in_flight=2)
+    assert pipe._window.max_messages == 500 * 4
 
 
 async def test_one_sink_failing_for_good_makes_the_source_redeliver() -> None:
