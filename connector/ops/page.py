@@ -2,8 +2,8 @@
 
 It refreshes itself every few seconds (``<meta http-equiv="refresh">``), draws
 each pipeline's throughput over the last minutes as an inline SVG line, and,
-when an admin token is configured, has plain HTML forms for pause, resume and
-restart that carry the token in a password field.
+when an admin token is configured, has one plain HTML form per pipeline whose
+password field carries the token to pause (or resume) and restart.
 """
 
 from __future__ import annotations
@@ -34,7 +34,9 @@ dt { color: #4a5360; }
 dd { margin: 0; font-variant-numeric: tabular-nums; overflow-wrap: anywhere; }
 .bar { height: 0.6rem; background: #e4e8ed; border-radius: 4px; overflow: hidden; }
 .bar > span { display: block; height: 100%; background: #1f5fbf; }
-svg.chart { width: 100%; height: 3.5rem; display: block; }
+figure.chart { margin: 0 0 0.25rem; }
+figure.chart svg { width: 100%; height: 3.5rem; display: block; }
+figcaption { font-size: 0.85rem; color: #4a5360; }
 .error { color: #a3161a; overflow-wrap: anywhere; }
 form { display: flex; flex-wrap: wrap; gap: 0.5rem; align-items: end; margin-top: 0.5rem; }
 label { display: flex; flex-direction: column; font-size: 0.85rem; color: #4a5360; }
@@ -57,7 +59,8 @@ def _num(value: float) -> str:
 
 
 def _chart(history: list[list[float]], name: str) -> str:
-    """Written/s over the kept samples as a polyline; the title says the peak."""
+    """Written/s over the kept samples: an area from zero with the line on top, and a
+    visible caption with the latest and the peak (the same words for a screen reader)."""
     width, height = 300, 56
     values = [p[2] for p in history]
     if len(values) < 2:
@@ -65,30 +68,35 @@ def _chart(history: list[list[float]], name: str) -> str:
                 "samples</p>")
     top = max(values) or 1.0
     step = width / (len(values) - 1)
-    points = " ".join(f"{i * step:.1f},{height - 2 - (v / top) * (height - 4):.1f}"
-                      for i, v in enumerate(values))
-    label = (f"messages written per second over the last {len(values) * 2} seconds, "
-             f"latest {_num(values[-1])}, peak {_num(top)}")
-    return (f'<svg class="chart" viewBox="0 0 {width} {height}" preserveAspectRatio="none" '
-            f'role="img" aria-label="{_e(label)}"><title>{_e(label)}</title>'
+    ys = [height - 1 - (v / top) * (height - 4) for v in values]
+    points = " ".join(f"{i * step:.1f},{y:.1f}" for i, y in enumerate(ys))
+    area = f"0,{height} {points} {width},{height}"
+    label = (f"written / s over the last {len(values) * 2} s: latest {_num(values[-1])}, "
+             f"peak {_num(top)}")
+    return (f'<figure class="chart" id="chart-{_e(name)}">'
+            f'<svg viewBox="0 0 {width} {height}" preserveAspectRatio="none" '
+            f'aria-hidden="true" focusable="false">'
+            f'<polygon fill="#1f5fbf" fill-opacity="0.12" points="{area}"/>'
+            f'<line x1="0" y1="{height - 0.5}" x2="{width}" y2="{height - 0.5}" '
+            'stroke="#6b7684" stroke-width="1" vector-effect="non-scaling-stroke"/>'
             f'<polyline fill="none" stroke="#1f5fbf" stroke-width="2" '
-            f'vector-effect="non-scaling-stroke" points="{points}"/></svg>')
+            f'vector-effect="non-scaling-stroke" points="{points}"/></svg>'
+            f"<figcaption>{_e(label)}</figcaption></figure>")
 
 
 def _controls(p: dict[str, Any]) -> str:
+    """One form per pipeline: the token once, Pause (or Resume) as the default button
+    and Restart posting the same field elsewhere (``formaction``, no script)."""
     name = p["name"]
-    verbs = ["resume" if p["paused"] else "pause", "restart"]
-    out = []
-    for verb in verbs:
-        field_id = f"token-{verb}-{name}"
-        out.append(
-            f'<form method="post" action="/pipelines/{_e(name)}/{verb}">'
+    verb = "resume" if p["paused"] else "pause"
+    field_id = f"token-{name}"
+    return (f'<form method="post" action="/pipelines/{_e(name)}/{verb}">'
             f'<label for="{_e(field_id)}">admin token'
             f'<input id="{_e(field_id)}" name="token" type="password" required '
             f'autocomplete="current-password"></label>'
-            f'<button type="submit"{" class=secondary" if verb == "restart" else ""}>'
-            f"{verb.capitalize()} {_e(name)}</button></form>")
-    return "".join(out)
+            f'<button type="submit">{verb.capitalize()} {_e(name)}</button>'
+            f'<button type="submit" class="secondary" '
+            f'formaction="/pipelines/{_e(name)}/restart">Restart {_e(name)}</button></form>')
 
 
 def _card(p: dict[str, Any], mutable: bool) -> str:
@@ -130,7 +138,9 @@ def _card(p: dict[str, Any], mutable: bool) -> str:
 
 
 def render(pipelines: list[dict[str, Any]], *, mutable: bool,
-           reload: dict[str, Any] | None = None) -> str:
+           reload: dict[str, Any] | None = None, refresh: int = REFRESH_SECONDS) -> str:
+    """The page; ``refresh`` seconds between reloads, 0 for a page that stays put
+    (a refresh empties a token field that is being typed into)."""
     cards = "".join(_card(p, mutable) for p in pipelines) or "<p>No pipelines.</p>"
     note = ""
     if reload is not None:
@@ -141,10 +151,11 @@ def render(pipelines: list[dict[str, Any]], *, mutable: bool,
     return (
         '<!doctype html><html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f'<meta http-equiv="refresh" content="{REFRESH_SECONDS}">'
+        + (f'<meta http-equiv="refresh" content="{refresh}">' if refresh > 0 else "") +
         f"<title>natsconn: {len(pipelines)} pipeline(s)</title><style>{_CSS}</style></head>"
         f'<body><header><h1>natsconn</h1><p class="meta">{len(pipelines)} pipeline(s); '
-        f"this page refreshes every {REFRESH_SECONDS} s; {mode}; JSON at "
+        + (f"this page refreshes every {refresh} s; " if refresh > 0 else "") +
+        f"{mode}; JSON at "
         '<a href="/pipelines">/pipelines</a>, metrics at <a href="/metrics">/metrics</a>'
         f"</p>{note}</header><main><div class=\"cards\">{cards}</div></main></body></html>"
     )
