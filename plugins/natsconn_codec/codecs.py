@@ -30,9 +30,11 @@ import binascii
 import functools
 import io
 import json
+import math
 import os
+import re
 from collections.abc import Callable
-from datetime import date, datetime, time
+from datetime import UTC, date, datetime, time
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
@@ -43,7 +45,8 @@ import orjson
 from fastavro.validation import ValidationError as AvroValidationError
 from fastavro.validation import validate as avro_validate
 from google.protobuf import descriptor_pb2, descriptor_pool, json_format, message_factory
-from google.protobuf.descriptor import Descriptor
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.internal.type_checkers import ToShortestFloat
 from google.protobuf.message import DecodeError
 from google.protobuf.message import Message as ProtoMessage
 
@@ -725,6 +728,298 @@ def _name_at(file: descriptor_pb2.FileDescriptorProto, indexes: list[int]) -> st
     return str(name)
 
 
+# Fast paths for the proto3 JSON mapping. json_format walks every message in
+# generic Python (~50 µs decode, ~100 µs encode for a 12-field message here);
+# these walk converters compiled once per message type and build messages with
+# the C constructor. Anything they do not handle exactly as json_format would
+# (well-known types aside, which go to json_format itself) raises _Slow, and the
+# message goes through json_format, which also words the errors.
+
+_FD = FieldDescriptor
+_PB_INT64 = frozenset((_FD.TYPE_INT64, _FD.TYPE_UINT64, _FD.TYPE_SINT64, _FD.TYPE_FIXED64,
+                    _FD.TYPE_SFIXED64))
+_PB_INT32 = frozenset((_FD.TYPE_INT32, _FD.TYPE_UINT32, _FD.TYPE_SINT32, _FD.TYPE_FIXED32,
+                    _FD.TYPE_SFIXED32))
+_WELL_KNOWN_JSON = frozenset(
+    f"google.protobuf.{n}" for n in (
+        "Any", "Duration", "FieldMask", "ListValue", "Struct", "Timestamp", "Value",
+        "DoubleValue", "FloatValue", "Int64Value", "UInt64Value", "Int32Value",
+        "UInt32Value", "BoolValue", "StringValue", "BytesValue"))
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MORE_THAN_MICROS = re.compile(r"\.\d{7}")
+
+
+class _Slow(Exception):
+    """This value needs json_format."""
+
+
+def _float_out(value: float) -> Any:
+    if value != value:
+        return "NaN"
+    if value in (math.inf, -math.inf):
+        return "Infinity" if value > 0 else "-Infinity"
+    return value
+
+
+def _float32_out(value: float) -> Any:
+    out = _float_out(value)
+    return ToShortestFloat(out) if isinstance(out, float) else out
+
+
+class _ProtoToDict:
+    """message -> the dict MessageToDict(always_print_fields_with_no_presence=True) gives."""
+
+    def __init__(self, pool: descriptor_pool.DescriptorPool, proto_names: bool) -> None:
+        self.pool = pool
+        self.proto_names = proto_names
+        self.memo: dict[str, Callable[[Any], Any]] = {}
+
+    def message(self, desc: Descriptor) -> Callable[[Any], Any]:
+        hit = self.memo.get(desc.full_name)
+        if hit is not None:
+            return hit
+        if desc.full_name in _WELL_KNOWN_JSON:
+            pool = self.pool
+
+            def wkt(msg: Any) -> Any:
+                return json_format.MessageToDict(msg, descriptor_pool=pool)
+            self.memo[desc.full_name] = wkt
+            return wkt
+        fields: list[tuple[str, str, Callable[[Any], Any] | None, int]] = []
+        # mode 0: always printed; 1: printed when set (presence); 2: repeated; 3: map
+
+        def convert_message(msg: Any) -> Any:
+            out: dict[str, Any] = {}
+            for key, attr, conv, mode in fields:
+                if mode == 1:
+                    if not msg.HasField(attr):
+                        continue
+                    value = getattr(msg, attr)
+                    out[key] = value if conv is None else conv(value)
+                elif mode == 0:
+                    value = getattr(msg, attr)
+                    out[key] = value if conv is None else conv(value)
+                elif mode == 2:
+                    values = getattr(msg, attr)
+                    out[key] = list(values) if conv is None else [conv(v) for v in values]
+                else:
+                    assert conv is not None
+                    out[key] = conv(getattr(msg, attr))
+            return out
+
+        self.memo[desc.full_name] = convert_message
+        for f in desc.fields:
+            key = f.name if self.proto_names else f.json_name
+            if f.message_type is not None and f.message_type.GetOptions().map_entry:
+                fields.append((key, f.name, self.map(f.message_type), 3))
+                continue
+            conv = self.value(f)
+            mode = 2 if f.is_repeated else 1 if f.has_presence else 0
+            fields.append((key, f.name, conv, mode))
+        return convert_message
+
+    def value(self, f: FieldDescriptor) -> Callable[[Any], Any] | None:
+        kind = f.type
+        if kind in _PB_INT64:
+            return str
+        if kind == _FD.TYPE_DOUBLE:
+            return _float_out
+        if kind == _FD.TYPE_FLOAT:
+            return _float32_out
+        if kind == _FD.TYPE_BYTES:
+            return lambda v: base64.b64encode(v).decode("ascii")
+        if kind == _FD.TYPE_ENUM:
+            names = {v.number: v.name for v in f.enum_type.values}
+            if f.enum_type.full_name == "google.protobuf.NullValue":
+                return lambda _v: None
+            return lambda v: names.get(v, v)
+        if kind in (_FD.TYPE_MESSAGE, _FD.TYPE_GROUP):
+            return self.message(f.message_type)
+        return None  # int32 kinds, bool, string: as they are
+
+    def map(self, entry: Descriptor) -> Callable[[Any], Any]:
+        key_field, value_field = entry.fields_by_name["key"], entry.fields_by_name["value"]
+        conv = self.value(value_field)
+        if key_field.type == _FD.TYPE_BOOL:
+            def key(k: Any) -> str:
+                return "true" if k else "false"
+        else:
+            def key(k: Any) -> str:
+                return str(k)
+        if conv is None:
+            return lambda m: {key(k): v for k, v in m.items()}
+        return lambda m: {key(k): conv(v) for k, v in m.items()}
+
+
+class _DictToProto:
+    """parsed JSON -> constructor arguments; raises _Slow for what it does not do."""
+
+    def __init__(self, pool: descriptor_pool.DescriptorPool, ignore_unknown: bool) -> None:
+        self.pool = pool
+        self.ignore_unknown = ignore_unknown
+        self.memo: dict[str, Callable[[Any], Any]] = {}
+
+    def message(self, desc: Descriptor) -> Callable[[Any], Any]:
+        hit = self.memo.get(desc.full_name)
+        if hit is not None:
+            return hit
+        if desc.full_name in _WELL_KNOWN_JSON:
+            cls = message_factory.GetMessageClass(desc)
+            pool = self.pool
+
+            def wkt(value: Any) -> Any:
+                try:
+                    return json_format.ParseDict(value, cls(), descriptor_pool=pool)
+                except Exception:
+                    raise _Slow from None
+            if desc.full_name == "google.protobuf.Timestamp":
+                def timestamp(value: Any) -> Any:
+                    # json_format's own parser takes ~9 µs; fromisoformat a tenth of it
+                    if value.__class__ is not str:
+                        raise _Slow
+                    if len(value) < 20 or value[10] != "T" or _MORE_THAN_MICROS.search(value):
+                        return wkt(value)  # fromisoformat would drop the nanoseconds
+                    try:
+                        moment = datetime.fromisoformat(value)
+                    except ValueError:
+                        return wkt(value)  # nanoseconds, or not RFC 3339: json_format says
+                    if moment.tzinfo is None:
+                        raise _Slow
+                    delta = moment - _EPOCH
+                    return cls(seconds=delta.days * 86400 + delta.seconds,
+                               nanos=delta.microseconds * 1000)
+                self.memo[desc.full_name] = timestamp
+                return timestamp
+            self.memo[desc.full_name] = wkt
+            return wkt
+        by_key: dict[str, tuple[str, Callable[[Any], Any] | None]] = {}
+        ignore = self.ignore_unknown
+
+        def convert_message(value: Any) -> Any:
+            if value.__class__ is not dict:
+                raise _Slow
+            out = {}
+            for key, v in value.items():
+                hit = by_key.get(key)
+                if hit is None:
+                    if ignore:
+                        continue
+                    raise _Slow
+                if v is None:
+                    continue
+                attr, conv = hit
+                out[attr] = v if conv is None else conv(v)
+            return out
+
+        self.memo[desc.full_name] = convert_message
+        for f in desc.fields:
+            if f.message_type is not None and f.message_type.GetOptions().map_entry:
+                conv: Callable[[Any], Any] | None = self.map(f.message_type)
+            elif f.is_repeated:
+                conv = self.repeated(self.value(f))
+            else:
+                conv = self.value(f)
+            by_key[f.name] = by_key[f.json_name] = (f.name, conv)
+        return convert_message
+
+    def value(self, f: FieldDescriptor) -> Callable[[Any], Any]:
+        kind = f.type
+        if kind in _PB_INT64:
+            def int64(v: Any) -> Any:
+                cls = v.__class__
+                if cls is int:
+                    return v
+                if cls is str:
+                    try:
+                        return int(v)
+                    except ValueError:
+                        raise _Slow from None
+                raise _Slow
+            return int64
+        if kind in _PB_INT32:
+            def int32(v: Any) -> Any:
+                if v.__class__ is not int:
+                    raise _Slow
+                return v
+            return int32
+        if kind in (_FD.TYPE_DOUBLE, _FD.TYPE_FLOAT):
+            def number(v: Any) -> Any:
+                cls = v.__class__
+                if cls is not float and cls is not int:
+                    raise _Slow
+                return v
+            return number
+        if kind == _FD.TYPE_BOOL:
+            def boolean(v: Any) -> Any:
+                if v.__class__ is not bool:
+                    raise _Slow
+                return v
+            return boolean
+        if kind == _FD.TYPE_STRING:
+            def string(v: Any) -> Any:
+                if v.__class__ is not str:
+                    raise _Slow
+                return v
+            return string
+        if kind == _FD.TYPE_BYTES:
+            def data(v: Any) -> Any:
+                if v.__class__ is not str:
+                    raise _Slow
+                try:
+                    return base64.b64decode(v, validate=True)
+                except (binascii.Error, ValueError):
+                    raise _Slow from None
+            return data
+        if kind == _FD.TYPE_ENUM:
+            names = frozenset(f.enum_type.values_by_name)
+            numbers = frozenset(f.enum_type.values_by_number)
+
+            def enum(v: Any) -> Any:
+                if (v.__class__ is str and v in names) or (v.__class__ is int and v in numbers):
+                    return v
+                raise _Slow
+            return enum
+        if kind == _FD.TYPE_MESSAGE:
+            return self.message(f.message_type)
+        def slow(_v: Any) -> Any:
+            raise _Slow
+        return slow
+
+    @staticmethod
+    def repeated(item: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        def convert(v: Any) -> Any:
+            if v.__class__ is not list:
+                raise _Slow
+            return [item(x) for x in v]
+        return convert
+
+    def map(self, entry: Descriptor) -> Callable[[Any], Any]:
+        key_field, value_field = entry.fields_by_name["key"], entry.fields_by_name["value"]
+        conv = self.value(value_field)
+        if key_field.type == _FD.TYPE_STRING:
+            def key(k: str) -> Any:
+                return k
+        elif key_field.type == _FD.TYPE_BOOL:
+            def key(k: str) -> Any:
+                if k not in ("true", "false"):
+                    raise _Slow
+                return k == "true"
+        else:
+            def key(k: str) -> Any:
+                try:
+                    return int(k)
+                except ValueError:
+                    raise _Slow from None
+
+        def convert(v: Any) -> Any:
+            if v.__class__ is not dict:
+                raise _Slow
+            return {key(k): conv(x) for k, x in v.items()}
+        return convert
+
+
 class ProtobufCodec:
     """Messages of one .proto file of a descriptor set; ``message`` is the one
     encode writes (and decode reads when the payload does not say otherwise)."""
@@ -744,6 +1039,10 @@ class ProtobufCodec:
         self._proto_names = proto_names
         self._ignore_unknown = not reject_extra
         self.label = f"Protobuf message {self.full_name}"
+        self._to_dict = _ProtoToDict(descriptors.pool, proto_names)
+        self._from_dict = _DictToProto(descriptors.pool, not reject_extra).message(desc)
+        self._to_dicts: dict[type[ProtoMessage], Callable[[Any], Any]] = {
+            self.cls: self._to_dict.message(desc)}
 
     def schema_text(self) -> str:
         """The .proto file as a registry takes it from a serializer: the base64 of
@@ -774,19 +1073,33 @@ class ProtobufCodec:
         except DecodeError as exc:
             raise RejectedError(f"payload is not a valid {cls.DESCRIPTOR.full_name}: {exc}") \
                 from None
+        to_dict = self._to_dicts.get(cls)
+        if to_dict is None:
+            to_dict = self._to_dicts[cls] = self._to_dict.message(cls.DESCRIPTOR)
+        return _dumps(to_dict(message))
+
+    def to_json_slow(self, data: bytes) -> bytes:
+        """What json_format itself gives (the fast path is tested against it)."""
         value = json_format.MessageToDict(
-            message, always_print_fields_with_no_presence=True,
+            self.cls.FromString(data), always_print_fields_with_no_presence=True,
             preserving_proto_field_name=self._proto_names,
             descriptor_pool=self.descriptors.pool)
         return _dumps(value)
 
     def from_json(self, data: bytes, prefix: bytes = b"") -> bytes:
         value = _loads(data)
+        try:
+            message = self.cls(**self._from_dict(value))
+        except (_Slow, ValueError, TypeError, KeyError):
+            message = self._parse_slow(value)
+        body: bytes = message.SerializeToString()
+        return prefix + body
+
+    def _parse_slow(self, value: Any) -> ProtoMessage:
         message = self.cls()
         try:
             json_format.ParseDict(value, message, ignore_unknown_fields=self._ignore_unknown,
                                   descriptor_pool=self.descriptors.pool)
         except json_format.ParseError as exc:
             raise RejectedError(f"JSON does not fit {self.label}: {exc}") from None
-        body: bytes = message.SerializeToString()
-        return prefix + body
+        return message

@@ -81,8 +81,8 @@ def _field(name: str, number: int, kind: int, *, label: int = F.LABEL_OPTIONAL,
 def shop_file(package: str = "shop.v1", name: str = "shop/v1/order.proto"
               ) -> descriptor_pb2.FileDescriptorProto:
     """shop.v1: ``Order`` (index 0) with a nested ``Address`` (index [0, 0]),
-    repeated ``Item``s, a map, an enum, int64, bytes and a Timestamp; ``Item``
-    (index 1)."""
+    repeated ``Item``s, two maps (one of messages, int32 keys), an enum, int64,
+    bytes, a float, a oneof and a Timestamp; ``Item`` (index 1)."""
     f = descriptor_pb2.FileDescriptorProto(name=name, package=package, syntax="proto3")
     f.dependency.append("google/protobuf/timestamp.proto")
     p = f".{package}"
@@ -101,12 +101,24 @@ def shop_file(package: str = "shop.v1", name: str = "shop/v1/order.proto"
                type_name=f"{p}.Order.LabelsEntry"),
         _field("created", 11, F.TYPE_MESSAGE, type_name=".google.protobuf.Timestamp"),
         _field("tags", 12, F.TYPE_STRING, label=F.LABEL_REPEATED),
+        _field("weight", 13, F.TYPE_FLOAT),
+        _field("email", 14, F.TYPE_STRING),
+        _field("phone", 15, F.TYPE_STRING),
+        _field("slots", 16, F.TYPE_MESSAGE, label=F.LABEL_REPEATED,
+               type_name=f"{p}.Order.SlotsEntry"),
     ])
+    order.oneof_decl.add(name="contact")
+    order.field[13].oneof_index = 0
+    order.field[14].oneof_index = 0
     address = order.nested_type.add(name="Address")
     address.field.extend([_field("city", 1, F.TYPE_STRING), _field("zip", 2, F.TYPE_STRING)])
     entry = order.nested_type.add(name="LabelsEntry")
     entry.options.map_entry = True
     entry.field.extend([_field("key", 1, F.TYPE_STRING), _field("value", 2, F.TYPE_STRING)])
+    slots = order.nested_type.add(name="SlotsEntry")
+    slots.options.map_entry = True
+    slots.field.extend([_field("key", 1, F.TYPE_INT32),
+                        _field("value", 2, F.TYPE_MESSAGE, type_name=f"{p}.Item")])
     item = f.message_type.add(name="Item")
     item.field.extend([_field("sku", 1, F.TYPE_STRING), _field("count", 2, F.TYPE_UINT64)])
     status = f.enum_type.add(name="Status")

@@ -190,3 +190,41 @@ def test_not_json_and_not_an_object(pb: str) -> None:
     assert all(isinstance(x, Rejected) for x in out)
     assert out[0].reason.startswith("data is not JSON")  # type: ignore[union-attr]
     assert out[1].reason.startswith("JSON does not fit Protobuf message")  # type: ignore[union-attr]
+
+
+PARITY_CASES: list[dict[str, Any]] = [
+    PROTO_ORDER_JSON,
+    {},
+    {"weight": 0.1, "email": "a@b.c", "slots": {"1": {"sku": "x", "count": "1"}, "-7": {}}},
+    {"phone": "", "weight": "Infinity", "amount": "NaN", "status": 7},
+    {"address": {}, "items": [{}], "created": "1970-01-01T00:00:00Z", "token": ""},
+    {"id": "-9223372036854775808", "qty": -2147483648, "labels": {"": ""}},
+    {"created": "2024-05-01T14:00:00.000001+02:00"},
+    {"created": "1969-12-31T23:59:59.999999999Z"},  # nanoseconds: json_format parses
+    {"created": "0001-01-01T00:00:00Z"},
+]
+
+
+@pytest.mark.parametrize("case", range(len(PARITY_CASES)))
+def test_fast_paths_give_what_json_format_gives(pb: str, case: int) -> None:
+    """decode and encode build messages and dicts from converters compiled per
+    message type; json_format is the reference."""
+    from google.protobuf import json_format
+
+    value = PARITY_CASES[case]
+    for proto_names in (True, False):
+        codec = ProtobufCodec(load_descriptors(pb), "shop.v1.Order", proto_names=proto_names)
+        reference = codec.cls()
+        json_format.ParseDict(value, reference, descriptor_pool=codec.descriptors.pool)
+        encoded = codec.from_json(orjson.dumps(value))
+        assert codec.cls.FromString(encoded) == reference
+        data = reference.SerializeToString()
+        fast = orjson.loads(codec.to_json(data))
+        slow = orjson.loads(codec.to_json_slow(data))
+        assert fast == slow
+
+
+def test_the_fast_encode_path_is_taken(pb: str) -> None:
+    codec = ProtobufCodec(load_descriptors(pb), "shop.v1.Order")
+    kwargs = codec._from_dict(orjson.loads(orjson.dumps(PROTO_ORDER_JSON)))
+    assert kwargs["id"] == 9007199254740993 and kwargs["token"] == b"\x00\x01\x02\xff"
