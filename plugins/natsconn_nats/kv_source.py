@@ -56,8 +56,8 @@ class KvSourceConfig(NatsConnectionConfig):
                                   "keeps, not only the latest of each key")
     updates_only: bool = Field(False, description="start with changes made after the first "
                                "start, not the bucket's present values")
-    durable: str | None = Field(None, description="durable consumer name, shared by replicas; "
-                                "default natsconn-<pipeline>")
+    durable: str | None = Field(None, description="durable consumer name; its ack floor is "
+                                "where a restart goes on; default natsconn-<pipeline>")
     ack_wait: Duration = Field(30.0, description="redelivery after this without an ack")
     max_ack_pending: int = Field(20_000, ge=1)
     prefetch: int = Field(10_000, ge=1, description="changes requested ahead of reads, at most")
