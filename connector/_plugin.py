@@ -53,6 +53,15 @@ class Source(Plugin[ConfigT], ABC):
     """Reads batches. Pull-based: the engine calls ``read_batch`` only when it has
     room, so a slow sink holds the source back without any extra machinery."""
 
+    @classmethod
+    def shareable(cls, config: PluginConfig) -> bool:
+        """Do several replicas reading with ``config`` split the work between them
+        (a JetStream durable, a consumer group, SKIP LOCKED claims, a queue group)
+        rather than each get every message? ``natsconn run --workers N`` runs a
+        pipeline whose source is not shareable in one worker only. The safe
+        default is no."""
+        return False
+
     async def connect(self) -> None:
         """Open connections; raise :class:`ConnectorError` subclasses on failure."""
 

@@ -1,4 +1,4 @@
-"""The ``natsconn`` command: run, validate, schema, plugins."""
+"""The ``natsconn`` command: run, validate, schema, plugins, status, pipelines."""
 
 from __future__ import annotations
 
@@ -18,11 +18,15 @@ from ._errors import ConfigError, PluginLoadError
 from ._units import parse_duration
 from .config.loader import LoadedFile, load_file
 from .docs_gen import option_rows
+from .engine import workers
 from .engine.pipeline import PipelineState
+from .engine.reload import Reloader, watch
 from .engine.supervisor import Supervisor
-from .ops import logs, tracing
+from .ops import control, logs, tracing
+from .ops.admin import AdminApi
 from .ops.http import OpsServer
 from .ops.metrics import REGISTRY
+from .ops.status import History
 from .registry import Kind, Registry
 from .schema import plugin_schema, write_schemas
 
@@ -71,6 +75,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--until-idle", metavar="DURATION", type=_duration_arg,
                      help="stop gracefully once no pipeline has read anything for this long "
                      "and nothing is in flight (backfills, one-off runs), e.g. 3s")
+    run.add_argument("--watch", action="store_true",
+                     help="reload the file when it changes (as SIGHUP and POST /reload do)")
+    run.add_argument("--workers", type=_workers_arg, metavar="N|auto",
+                     help="worker processes sharing the work (auto: the usable cores, "
+                     "honouring a container's CPU limit); overrides the file's `workers:`")
+
+    control.add_commands(sub)
 
     val = sub.add_parser("validate", help="check a pipeline file without connecting",
                          epilog=VALIDATE_EXAMPLE,
@@ -99,6 +110,14 @@ def _parser() -> argparse.ArgumentParser:
     return top
 
 
+def _workers_arg(text: str) -> int | str:
+    if text == "auto":
+        return text
+    if text.isdigit() and 1 <= int(text) <= 256:
+        return int(text)
+    raise argparse.ArgumentTypeError(f"expected a number from 1 to 256 or 'auto', found {text!r}")
+
+
 def _duration_arg(text: str) -> float:
     try:
         return parse_duration(text)
@@ -115,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
             return _schema(args.out, args.check, args.only_package)
         if args.command == "plugins":
             return _plugins(args)
+        if args.command in ("status", "pipelines"):
+            return control.main(args)
         return _run(args)
     except ConfigError as exc:
         print(f"error: {logs.REDACTOR(exc.render())}", file=sys.stderr)
@@ -224,29 +245,88 @@ def _run(args: argparse.Namespace) -> int:
     # bridge's CPU (bench/, py-spy with gc.callbacks).
     gc.freeze()
     gc.set_threshold(10_000, 10, 10)
-    return asyncio.run(_serve(loaded, args.http_address, args.progress, args.until_idle))
+    index = os.environ.get(workers.ENV_INDEX)
+    if index is not None:  # a worker of `--workers N`: its share of the pipelines
+        loaded = workers.for_worker(loaded, int(index), int(os.environ[workers.ENV_COUNT]))
+    else:
+        count = workers.resolve(args.workers if args.workers is not None
+                                else loaded.spec.workers)
+        if count > 1:
+            return asyncio.run(workers.serve_pool(loaded, count, _worker_args(args),
+                                                  args.http_address, _instance()))
+    return asyncio.run(_serve(loaded, args.http_address, args.progress, args.until_idle,
+                              watch_file=args.watch))
+
+
+def _admin_token(loaded: LoadedFile) -> str | None:
+    """The admin API's bearer token: the file named in http.admin_token_file, or
+    NATSCONN_ADMIN_TOKEN. It joins the log redaction at once."""
+    path = loaded.spec.http.admin_token_file
+    token: str | None = None
+    if path:
+        try:
+            token = Path(path).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read the admin token file {path!r}: "
+                              f"{exc.strerror or exc}", file=loaded.file,
+                              path="http.admin_token_file") from None
+        if not token:
+            raise ConfigError(f"expected a token in {path!r}, found an empty file",
+                              file=loaded.file, path="http.admin_token_file")
+    else:
+        token = os.environ.get("NATSCONN_ADMIN_TOKEN") or None
+    if token:
+        logs.REDACTOR.add([token])
+    return token
+
+
+def _instance() -> str:
+    return os.environ.get("NATSCONN_INSTANCE") or os.environ.get("POD_NAME") or (
+        socket.gethostname()
+    )
+
+
+def _worker_args(args: argparse.Namespace) -> list[str]:
+    """The options of `run` that each worker gets too."""
+    out: list[str] = []
+    if args.log_format:
+        out += ["--log-format", args.log_format]
+    if args.log_level:
+        out += ["--log-level", args.log_level]
+    if args.until_idle is not None:
+        out += ["--until-idle", f"{args.until_idle}s"]
+    if args.progress:
+        out.append("--progress")
+    if args.watch:
+        out.append("--watch")
+    return out
 
 
 async def _serve(loaded: LoadedFile, http_address: str | None, progress: bool,
-                 until_idle: float | None = None) -> int:
-    instance = os.environ.get("NATSCONN_INSTANCE") or os.environ.get("POD_NAME") or (
-        socket.gethostname()
-    )
+                 until_idle: float | None = None, watch_file: bool = False) -> int:
+    instance = _instance()
     tracing.configure()  # OTEL_* variables; off unless asked for (docs/operations.md)
     try:
-        return await _supervise(loaded, instance, http_address, progress, until_idle)
+        return await _supervise(loaded, instance, http_address, progress, until_idle,
+                                watch_file)
     finally:  # export the spans still queued
         await asyncio.to_thread(tracing.shutdown)
 
 
 async def _supervise(loaded: LoadedFile, instance: str, http_address: str | None,
-                     progress: bool, until_idle: float | None) -> int:
+                     progress: bool, until_idle: float | None, watch_file: bool) -> int:
     supervisor = Supervisor(loaded, instance)
+    reloader = Reloader(supervisor, loaded.file,
+                        on_loaded=lambda new: logs.REDACTOR.add(new.secrets))
+    history = History()
+    background: list[asyncio.Task[None]] = [asyncio.create_task(history.run(supervisor))]
     http_settings = loaded.spec.http
     address = http_address or http_settings.address
     server: OpsServer | None = None
     if http_settings.enabled and address != "off":
-        server = OpsServer(address, supervisor.ready)
+        admin = AdminApi(supervisor, reloader, history, _admin_token(loaded),
+                         http_settings.read_token_required)
+        server = OpsServer(address, supervisor.ready, admin)
         try:
             await server.start()
         except OSError as exc:
@@ -270,6 +350,14 @@ async def _supervise(loaded: LoadedFile, instance: str, http_address: str | None
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
+
+    def on_hangup() -> None:
+        log.info("SIGHUP: reloading %s", loaded.file)
+        background.append(asyncio.create_task(_reload(reloader)))
+
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
+    if watch_file:
+        background.append(asyncio.create_task(watch(reloader)))
 
     started = time.monotonic()
     reporter = asyncio.create_task(_report(supervisor)) if progress else None
@@ -300,6 +388,8 @@ async def _supervise(loaded: LoadedFile, instance: str, http_address: str | None
     finally:
         if reporter is not None:
             reporter.cancel()
+        for task in background:
+            task.cancel()
         if server is not None:
             await server.close()
     if progress:
@@ -310,6 +400,12 @@ async def _supervise(loaded: LoadedFile, instance: str, http_address: str | None
     if failed:
         log.error("pipeline(s) not running at exit: %s", ", ".join(failed))
     return 1 if failed else 0
+
+
+async def _reload(reloader: Reloader) -> None:
+    outcome = await reloader.reload()
+    if not outcome.ok:
+        log.error("reload refused: %s", outcome.error)
 
 
 def _sample(metric: str, pipeline: str) -> float:

@@ -157,10 +157,20 @@ class FileSpec(_Strict):
     http: HttpSettings = Field(default_factory=HttpSettings)
     log: LogSettings = Field(default_factory=LogSettings)
     shutdown_timeout: Duration = Field(30.0, description="longest a graceful stop may take")
+    workers: int | Literal["auto"] = Field(
+        1, description="worker processes (`auto`: the usable cores, honouring a container's "
+        "CPU limit); `natsconn run --workers` overrides it")
     restart_backoff: Duration = Field(
         1.0, description="first wait before a failed pipeline restarts"
     )
     restart_backoff_max: Duration = 60.0
+
+    @field_validator("workers")
+    @classmethod
+    def _workers(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and not 1 <= value <= 256:
+            raise ValueError(f"expected 1 to 256 workers or 'auto', found {value}")
+        return value
 
     @model_validator(mode="after")
     def _unique_names(self) -> FileSpec:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -27,10 +28,12 @@ WRITE_SECONDS = Histogram(
     "natsconn_write_seconds", "Sink write latency per batch", _P, registry=REGISTRY,
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
+# Gauges are summed over live workers under `natsconn run --workers N`.
+_LIVE: Final = "livesum"
 IN_FLIGHT = Gauge("natsconn_in_flight_messages", "Messages read but not yet acknowledged", _P,
-                  registry=REGISTRY)
+                  registry=REGISTRY, multiprocess_mode=_LIVE)
 IN_FLIGHT_BYTES = Gauge("natsconn_in_flight_bytes", "Payload bytes read but not acknowledged",
-                        _P, registry=REGISTRY)
+                        _P, registry=REGISTRY, multiprocess_mode=_LIVE)
 RETRIES = Counter("natsconn_retries", "Sink write attempts that failed and were retried", _P,
                   registry=REGISTRY)
 DEAD_LETTERED = Counter("natsconn_dead_lettered", "Messages sent to the dead-letter target",
@@ -45,9 +48,9 @@ DROPPED = Counter("natsconn_dropped", "Messages lost before natsconn could hold 
 FILTERED = Counter("natsconn_filtered", "Messages dropped on purpose by a transform or by routing "
                    "(acknowledged, not lost)", ("pipeline", "reason"), registry=REGISTRY)
 SOURCE_LAG = Gauge("natsconn_source_lag", "Messages waiting at the source, where it knows", _P,
-                   registry=REGISTRY)
-UP = Gauge("natsconn_pipeline_up", "1 while the pipeline is connected and running", _P,
-           registry=REGISTRY)
+                   registry=REGISTRY, multiprocess_mode="livemax")
+UP = Gauge("natsconn_pipeline_up", "1 while the pipeline is connected and running (with "
+           "workers: how many run it)", _P, registry=REGISTRY, multiprocess_mode=_LIVE)
 RESTARTS = Counter("natsconn_pipeline_restarts", "Times the pipeline failed and restarted", _P,
                    registry=REGISTRY)
 RECONNECTS = Counter("natsconn_reconnects", "Plugin connections re-established", ("pipeline",
@@ -75,7 +78,7 @@ SINK_DEAD_LETTERED = Counter("natsconn_sink_dead_lettered",
                              registry=REGISTRY)
 SINK_QUEUED = Gauge("natsconn_sink_queued_messages",
                     "Messages in full batches waiting for a free write slot, per sink", _S,
-                    registry=REGISTRY)
+                    registry=REGISTRY, multiprocess_mode=_LIVE)
 
 _log = logging.getLogger("natsconn.metrics")
 

@@ -31,7 +31,16 @@ from aiokafka.errors import (
 )
 from pydantic import Field, field_validator, model_validator
 
-from connector import Batch, ByteSize, ConnectorError, Duration, Message, RetryableError, Source
+from connector import (
+    Batch,
+    ByteSize,
+    ConnectorError,
+    Duration,
+    Message,
+    PluginConfig,
+    RetryableError,
+    Source,
+)
 
 from .connection import (
     KafkaConnectionConfig,
@@ -165,6 +174,11 @@ class KafkaSource(Source[KafkaSourceConfig]):
     """Kafka consumer group; commits offsets after the sink confirmed (at least once)."""
 
     Config = KafkaSourceConfig
+
+    @classmethod
+    def shareable(cls, config: PluginConfig) -> bool:
+        """Replicas share the consumer group's partitions."""
+        return True
 
     async def connect(self) -> None:
         cfg = self.config

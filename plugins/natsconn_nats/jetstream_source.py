@@ -22,7 +22,16 @@ from nats.js import api
 from nats.js.errors import NotFoundError
 from pydantic import Field, model_validator
 
-from connector import Batch, ByteSize, ConnectorError, Duration, Message, PushBuffer, Source
+from connector import (
+    Batch,
+    ByteSize,
+    ConnectorError,
+    Duration,
+    Message,
+    PluginConfig,
+    PushBuffer,
+    Source,
+)
 
 from .buffer_age import BufferAge
 from .connection import Client, NatsConnectionConfig, open_connection
@@ -111,6 +120,11 @@ class JetStreamSource(Source[JetStreamSourceConfig]):
     """JetStream durable pull consumer; acks after the sink confirmed (at least once)."""
 
     Config = JetStreamSourceConfig
+
+    @classmethod
+    def shareable(cls, config: PluginConfig) -> bool:
+        """Replicas share one durable consumer."""
+        return True
 
     async def connect(self) -> None:
         cfg = self.config

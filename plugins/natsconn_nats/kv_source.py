@@ -26,7 +26,7 @@ from nats.js import api
 from nats.js.errors import NotFoundError
 from pydantic import Field, field_validator, model_validator
 
-from connector import Batch, ByteSize, ConnectorError, Duration, Message, Source
+from connector import Batch, ByteSize, ConnectorError, Duration, Message, PluginConfig, Source
 
 from .connection import NatsConnectionConfig
 from .jetstream_source import DeliverPolicy, JetStreamSource, JetStreamSourceConfig
@@ -202,6 +202,13 @@ class KvSource(Source[KvSourceConfig]):
     """NATS KV bucket changes (puts, deletes, purges) from a durable consumer; resumable."""
 
     Config = KvSourceConfig
+
+    @classmethod
+    def shareable(cls, config: PluginConfig) -> bool:
+        """No: replicas on one durable would break the per-key order of the changes
+        (and resume_in_order resets the consumer), so under --workers it runs in
+        worker 0 only."""
+        return False
 
     def _stream_config(self) -> JetStreamSourceConfig:
         cfg = self.config

@@ -14,7 +14,7 @@ from types import MappingProxyType
 from nats.aio.subscription import Subscription
 from pydantic import Field
 
-from connector import Batch, ByteSize, Message, PushBuffer, Source
+from connector import Batch, ByteSize, Message, PluginConfig, PushBuffer, Source
 
 from .connection import Client, NatsConnectionConfig, open_connection
 
@@ -34,6 +34,12 @@ class NatsSource(Source[NatsSourceConfig]):
     """Core NATS subscription (at most once; overflow counted as dropped)."""
 
     Config = NatsSourceConfig
+
+    @classmethod
+    def shareable(cls, config: PluginConfig) -> bool:
+        """With a queue group, replicas split the subjects' messages; without
+        one, each would get every message."""
+        return getattr(config, "queue_group", None) is not None
 
     async def connect(self) -> None:
         cfg = self.config

@@ -141,6 +141,11 @@ class OutboxSource(Source[OutboxSourceConfig]):
 
     Config = OutboxSourceConfig
 
+    @classmethod
+    def shareable(cls, config: PluginConfig) -> bool:
+        """Replicas claim disjoint rows with FOR UPDATE SKIP LOCKED."""
+        return True
+
     async def connect(self) -> None:
         cfg = self.config
         self._wake = asyncio.Event()

@@ -32,7 +32,7 @@ from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
-from connector import Batch, Duration, Message, Source
+from connector import Batch, Duration, Message, PluginConfig, Source
 
 from .connection import RedisConnectionConfig, RedisLink, open_link, read_error
 from .list_sink import Side
@@ -124,6 +124,11 @@ class RedisListSource(Source[RedisListSourceConfig]):
     """A Redis list as a reliable queue: BLMOVE, then LREM after the sink confirmed."""
 
     Config = RedisListSourceConfig
+
+    @classmethod
+    def shareable(cls, config: PluginConfig) -> bool:
+        """BLMOVE hands each entry to one replica."""
+        return True
 
     async def connect(self) -> None:
         cfg = self.config

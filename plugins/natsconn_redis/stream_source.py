@@ -38,7 +38,7 @@ from typing import Any
 from pydantic import Field, field_validator, model_validator
 from redis.exceptions import ResponseError
 
-from connector import Batch, ConnectorError, Duration, Message, RetryableError, Source
+from connector import Batch, ConnectorError, Duration, Message, PluginConfig, RetryableError, Source
 
 from .connection import RedisConnectionConfig, RedisLink, open_link, read_error
 from .fields import EntryDecoder, FieldMapping
@@ -116,6 +116,11 @@ class RedisStreamSource(Source[RedisStreamSourceConfig]):
     """Redis streams through a consumer group; XACK after the sink confirmed."""
 
     Config = RedisStreamSourceConfig
+
+    @classmethod
+    def shareable(cls, config: PluginConfig) -> bool:
+        """Replicas share the consumer group, each with its own consumer name."""
+        return True
 
     async def connect(self) -> None:
         cfg = self.config
