@@ -52,6 +52,8 @@ from google.protobuf.message import Message as ProtoMessage
 
 from connector import RejectedError
 
+from .avro_writer import Misfit, Unsupported, Write, compile_writer
+
 # ---------------------------------------------------------------------- JSON out
 
 _DUMPS_OPTIONS = orjson.OPT_PASSTHROUGH_DATETIME
@@ -541,6 +543,12 @@ class AvroCodec:
         self._convert = avro_converter(schema, named)
         self._check = avro_checker(schema, named)
         self._strict = reject_extra
+        self._write: Write | None = None
+        if not reject_extra:
+            try:
+                self._write = compile_writer(schema, named, self.full_name or "value")
+            except Unsupported:
+                self._write = None  # fastavro writes this schema
 
     def to_json(self, data: bytes, offset: int = 0) -> bytes:
         stream = io.BytesIO(data)
@@ -559,6 +567,19 @@ class AvroCodec:
 
     def from_json(self, data: bytes, prefix: bytes = b"") -> bytes:
         value = _loads(data)
+        write = self._write
+        if write is not None:
+            buffer = bytearray(prefix)
+            try:
+                if self._convert is not None:
+                    value = self._convert(value)
+                write(value, buffer)
+            except (_Bad, Misfit) as exc:
+                raise RejectedError(f"JSON does not fit {self.label}: {exc}") from None
+            except (OverflowError, ValueError) as exc:  # defensive: a number out of range
+                raise RejectedError(f"JSON does not fit {self.label}: "
+                                    f"{type(exc).__name__}: {exc}") from None
+            return bytes(buffer)
         try:
             if self._convert is not None:
                 value = self._convert(value)

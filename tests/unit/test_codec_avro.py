@@ -3,6 +3,7 @@ every way a payload or a JSON value can fail to fit the schema."""
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import re
@@ -19,7 +20,7 @@ from natsconn_codec.transforms import Decode, Encode
 
 from connector import Message, Rejected, RejectedError
 
-from ._codec_helpers import ORDER_JSON, PLAIN_AVSC, PLAIN_JSON, write_avsc
+from ._codec_helpers import ORDER_AVSC, ORDER_JSON, PLAIN_AVSC, PLAIN_JSON, write_avsc
 
 
 @pytest.fixture
@@ -245,3 +246,167 @@ def test_rejected_error_text_is_the_reason(avsc: str) -> None:
     schema, _ = load_avro_schema(avsc)
     with pytest.raises(RejectedError, match=r"payload does not fit Avro schema shop\.Order"):
         AvroCodec(schema).to_json(b"")
+
+
+# ------------------------------------------------------------------ the fast writer
+
+WIDE_AVSC: dict[str, Any] = {
+    "type": "record", "name": "Wide", "namespace": "w",
+    "fields": [
+        {"name": "b", "type": "boolean"},
+        {"name": "i", "type": "int"},
+        {"name": "l", "type": "long"},
+        {"name": "f", "type": "float"},
+        {"name": "d", "type": "double"},
+        {"name": "s", "type": "string"},
+        {"name": "raw", "type": "bytes"},
+        {"name": "n", "type": "null"},
+        {"name": "color", "type": {"type": "enum", "name": "Color",
+                                   "symbols": ["RED", "GREEN", "BLUE"]}},
+        {"name": "opt", "type": ["null", "string"]},
+        {"name": "num", "type": ["null", "long", "double"]},
+        {"name": "tags", "type": {"type": "array", "items": "string"}},
+        {"name": "attrs", "type": {"type": "map", "values": ["null", "w.Color", "long"]}},
+        {"name": "child", "type": ["null", {"type": "record", "name": "Child", "fields": [
+            {"name": "name", "type": "string"},
+            {"name": "next", "type": ["null", "w.Child"], "default": None}]}]},
+        {"name": "kids", "type": {"type": "array", "items": "w.Child"}},
+        {"name": "dflt", "type": "string", "default": "x"},
+        {"name": "dnum", "type": ["long", "null"], "default": 7},
+        {"name": "nodefault_nullable", "type": ["null", "int"]},
+    ],
+}
+
+
+def random_wide(rng: Any) -> dict[str, Any]:
+    def text() -> str:
+        return "".join(rng.choice("aé€𝄞z ") for _ in range(rng.choice([0, 1, 5, 70, 200])))
+
+    def child(depth: int = 0) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": text()}
+        if rng.random() < 0.5:
+            out["next"] = child(depth + 1) if depth < 3 and rng.random() < 0.5 else None
+        return out
+
+    value: dict[str, Any] = {
+        "b": rng.random() < 0.5,
+        "i": rng.choice([0, 1, -1, 63, 64, -65, 2**31 - 1, -(2**31), rng.randint(-9999, 9999)]),
+        "l": rng.choice([0, 2**63 - 1, -(2**63), 1_764_000_000_123, 8191, 8192, -8193,
+                         2**21, 2**35 + 3]),
+        "f": rng.choice([0.0, 1.5, -2.25, 3]),
+        "d": rng.choice([0.0, 1e300, -1.5, 12.34, 7]),
+        "s": text(),
+        "raw": base64.b64encode(bytes(rng.randrange(256) for _ in range(rng.choice([0, 3,
+                                                                                    90])))
+                                ).decode(),
+        "n": None,
+        "color": rng.choice(["RED", "GREEN", "BLUE"]),
+        "opt": rng.choice([None, text()]),
+        "num": rng.choice([None, 5, -(2**40), 2.5]),
+        "tags": [text() for _ in range(rng.choice([0, 1, 3]))],
+        "attrs": {text(): rng.choice([None, "RED", 42]) for _ in range(rng.choice([0, 2]))},
+        "child": rng.choice([None, child()]),
+        "kids": [child() for _ in range(rng.choice([0, 2]))],
+    }
+    if rng.random() < 0.5:
+        value["dflt"] = text()
+    if rng.random() < 0.5:
+        value["dnum"] = rng.choice([None, 3])
+    if rng.random() < 0.5:
+        value["nodefault_nullable"] = rng.choice([None, 9])
+    if rng.random() < 0.3:
+        value["not_in_schema"] = 1
+    return value
+
+
+def test_the_fast_writer_writes_fastavros_bytes(tmp_path: Path) -> None:
+    import random
+
+    schema, _ = load_avro_schema(write_avsc(tmp_path, WIDE_AVSC))
+    codec = AvroCodec(schema)
+    assert codec._write is not None, "this schema is within the fast writer's reach"
+    rng = random.Random(7)
+    for _ in range(500):
+        value = random_wide(rng)
+        fast = codec.from_json(orjson.dumps(value))
+        typed = dict(value, raw=base64.b64decode(value["raw"]))
+        reference = io.BytesIO()
+        fastavro.schemaless_writer(reference, schema, typed)
+        assert fast == reference.getvalue(), value
+        back = orjson.loads(codec.to_json(fast))
+        expected = {**{"dflt": "x", "dnum": 7, "nodefault_nullable": None}, **value}
+        expected.pop("not_in_schema", None)
+        assert back == with_next(expected)
+
+
+def with_next(value: Any) -> Any:
+    """What decode gives: every Child with its ``next`` (default null)."""
+    if isinstance(value, list):
+        return [with_next(v) for v in value]
+    if isinstance(value, dict):
+        out = {k: with_next(v) for k, v in value.items()}
+        if set(out) <= {"name", "next"} and "name" in out:
+            out.setdefault("next", None)
+        return out
+    return value
+
+
+def test_the_fast_writer_covers_plain_records_and_not_the_rest(tmp_path: Path) -> None:
+    bench_schema = Path(__file__).resolve().parents[2] / "bench" / "schemas" / "order.avsc"
+    cases = [(PLAIN_AVSC, True), (ORDER_AVSC, False),  # logical types: fastavro
+             ({"type": "record", "name": "U", "fields": [
+                 {"name": "u", "type": ["int", "long"]}]}, False),  # two integer branches
+             ({"type": "record", "name": "F", "fields": [
+                 {"name": "h", "type": {"type": "fixed", "name": "H", "size": 2}}]}, False)]
+    if bench_schema.exists():
+        cases.append((json.loads(bench_schema.read_text()), True))
+    for i, (raw, fast) in enumerate(cases):
+        schema, _ = load_avro_schema(write_avsc(tmp_path, raw, f"s{i}.avsc"))
+        assert (AvroCodec(schema)._write is not None) is fast, raw["name"]
+    schema, _ = load_avro_schema(write_avsc(tmp_path, PLAIN_AVSC, "p.avsc"))
+    assert AvroCodec(schema, reject_extra=True)._write is None
+
+
+@pytest.mark.parametrize(("change", "reason"), [
+    ({"b": 1}, "field w.Wide.b: expected boolean, found 1 (int)"),
+    ({"b": None}, "field w.Wide.b: expected boolean, found None (NoneType)"),
+    ({"i": 1.0}, "field w.Wide.i: expected int, found 1.0 (float)"),
+    ({"i": True}, "field w.Wide.i: expected int, found True (bool)"),
+    ({"i": 2**31}, "field w.Wide.i: expected int, found 2147483648 (int)"),
+    ({"l": "5"}, "field w.Wide.l: expected long, found '5' (str)"),
+    ({"f": 1e39}, "field w.Wide.f: expected a float in range, found 1e+39 (float)"),
+    ({"d": "1.5"}, "field w.Wide.d: expected double, found '1.5' (str)"),
+    ({"s": 5}, "field w.Wide.s: expected string, found 5 (int)"),
+    ({"raw": "!!"}, "field w.Wide.raw: expected base64 text, found '!!' (str)"),
+    ({"n": 0}, "field w.Wide.n: expected null, found 0 (int)"),
+    ({"color": "PINK"}, "field w.Wide.color: expected one of the symbols RED, GREEN, BLUE"),
+    ({"opt": 5}, "field w.Wide.opt: expected one of the union's types (null, string), found 5"),
+    ({"tags": "a"}, "field w.Wide.tags: expected array, found 'a' (str)"),
+    ({"tags": ["a", 1]}, "field w.Wide.tags[]: expected string, found 1 (int)"),
+    ({"attrs": {"k": "PINK"}}, "field w.Wide.attrs{}: expected one of the symbols"),
+    ({"child": {"next": None}}, "field w.Wide.child.name: no value and no default"),
+    # a recursive type is one writer: the path is where the recursion starts
+    ({"kids": [{"name": "a", "next": {"name": 3}}]},
+     "field w.Wide.kids[].name: expected string, found 3 (int)"),
+])
+def test_the_fast_writer_refuses_what_does_not_fit_naming_the_field(
+        tmp_path: Path, change: dict[str, Any], reason: str) -> None:
+    import random
+
+    schema, _ = load_avro_schema(write_avsc(tmp_path, WIDE_AVSC))
+    value = dict(random_wide(random.Random(1)), **change)
+    with pytest.raises(RejectedError) as info:
+        AvroCodec(schema).from_json(orjson.dumps(value))
+    assert str(info.value).startswith("JSON does not fit Avro schema w.Wide: "), info.value
+    assert reason in str(info.value), info.value
+
+
+def test_a_missing_field_without_default_is_refused_by_the_fast_writer(tmp_path: Path) -> None:
+    schema, _ = load_avro_schema(write_avsc(tmp_path, PLAIN_AVSC))
+    missing = {k: v for k, v in PLAIN_JSON.items() if k != "qty"}
+    with pytest.raises(RejectedError, match=r"field bench\.Plain\.qty: no value and no default"):
+        AvroCodec(schema).from_json(orjson.dumps(missing))
+    # a nullable field without a default is written as null, as fastavro does
+    no_note = {k: v for k, v in PLAIN_JSON.items() if k != "note"}
+    codec = AvroCodec(schema)
+    assert orjson.loads(codec.to_json(codec.from_json(orjson.dumps(no_note))))["note"] is None
