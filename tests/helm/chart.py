@@ -95,8 +95,14 @@ class Manifests:
                 return dict(c)
         raise AssertionError(f"no container {name!r} in the Deployment")
 
+    def config_maps(self) -> list[dict[str, Any]]:
+        """The ConfigMaps holding the pipeline file (not the Grafana dashboard's)."""
+        return [d for d in self.docs if d["kind"] == "ConfigMap"
+                and "pipeline.yaml" in d.get("data", {})]
+
     def pipeline_text(self) -> str:
-        return str(self.get("ConfigMap")["data"]["pipeline.yaml"])
+        (config,) = self.config_maps()
+        return str(config["data"]["pipeline.yaml"])
 
 
 def config_file_path(m: Manifests, container: dict[str, Any]) -> str:

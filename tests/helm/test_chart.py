@@ -335,7 +335,7 @@ def test_replicas_three_message_is_clear(helm: Helm, tmp_path: Path) -> None:
 
 def test_existing_configmap_replaces_the_charts_own(helm: Helm) -> None:
     m = helm.render([CHART / "ci" / "existing-configmap-values.yaml"])
-    assert not m.has("ConfigMap")
+    assert m.config_maps() == []
     (config,) = (v for v in m.pod["volumes"] if v["name"] == "config")
     assert config["configMap"] == {"name": "natsconn-pipelines",
                                    "items": [{"key": "orders.yaml", "path": "pipeline.yaml"}]}

@@ -132,3 +132,23 @@ value instead of a reference. Walks the whole tree; called with
 {{ toYaml . }}
 {{- end }}
 {{- end }}
+
+{{/*
+Worker processes: `workers: auto` is the container's CPU limit rounded up (1
+without one; "1500m" -> 2, "2" -> 2, 0.5 -> 1); a number is itself.
+*/}}
+{{- define "natsconn.workers" -}}
+{{- $w := .Values.workers -}}
+{{- if eq (toString $w) "auto" -}}
+{{- $cpu := toString (dig "limits" "cpu" "" (.Values.resources | default dict)) -}}
+{{- if eq $cpu "" -}}
+1
+{{- else if hasSuffix "m" $cpu -}}
+{{- max 1 (div (add (atoi (trimSuffix "m" $cpu)) 999) 1000) -}}
+{{- else -}}
+{{- max 1 (int (ceil (float64 $cpu))) -}}
+{{- end -}}
+{{- else -}}
+{{- int $w -}}
+{{- end -}}
+{{- end -}}
