@@ -22,7 +22,7 @@ from .engine import workers
 from .engine.pipeline import PipelineState
 from .engine.reload import Reloader, watch
 from .engine.supervisor import Supervisor
-from .ops import control, logs, tracing
+from .ops import control, logs, looplag, tracing
 from .ops.admin import AdminApi
 from .ops.http import OpsServer
 from .ops.metrics import REGISTRY
@@ -319,7 +319,8 @@ async def _supervise(loaded: LoadedFile, instance: str, http_address: str | None
     reloader = Reloader(supervisor, loaded.file,
                         on_loaded=lambda new: logs.REDACTOR.add(new.secrets))
     history = History()
-    background: list[asyncio.Task[None]] = [asyncio.create_task(history.run(supervisor))]
+    background: list[asyncio.Task[None]] = [asyncio.create_task(history.run(supervisor)),
+                                             asyncio.create_task(looplag.sample())]
     http_settings = loaded.spec.http
     address = http_address or http_settings.address
     server: OpsServer | None = None

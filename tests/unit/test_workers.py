@@ -101,3 +101,27 @@ def test_the_file_refuses_a_worker_count_out_of_range(value: int) -> None:
         load_text(yaml.safe_dump({"pipelines": [{"name": "p", "source": {"type": "generate"},
                                                   "sink": {"type": "drop"}}],
                                   "workers": value}), "f.yaml", env={})
+
+
+async def test_the_event_loop_lag_is_measured() -> None:
+    import asyncio
+    import time
+
+    from connector.ops import looplag
+    from connector.ops.metrics import REGISTRY
+
+    def counts() -> tuple[float, float]:
+        total = REGISTRY.get_sample_value("natsconn_event_loop_lag_seconds_count") or 0.0
+        quick = REGISTRY.get_sample_value("natsconn_event_loop_lag_seconds_bucket",
+                                          {"le": "0.1"}) or 0.0
+        return total, quick
+
+    total0, quick0 = counts()
+    task = asyncio.create_task(looplag.sample(0.01))
+    await asyncio.sleep(0.02)
+    time.sleep(0.2)  # noqa: ASYNC251 - the loop is blocked on purpose: the next tick is late
+    await asyncio.sleep(0.03)
+    task.cancel()
+    total, quick = counts()
+    assert total > total0
+    assert total - total0 > quick - quick0, "one tick was over 0.1 s late"
