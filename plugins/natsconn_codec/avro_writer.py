@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
+from datetime import UTC, date, datetime, time, timedelta
+from decimal import Decimal
 from typing import Any
 
 Write = Callable[[Any, bytearray], None]
@@ -102,8 +104,10 @@ class _Compiler:
             return _primitive(schema, path)
         if isinstance(schema, list):
             return self.union(schema, path)
-        if not isinstance(schema, dict) or schema.get("logicalType") is not None:
+        if not isinstance(schema, dict):
             raise Unsupported
+        if schema.get("logicalType") is not None:
+            return _logical(schema, path)
         kind = schema.get("type")
         if kind == "record":
             return self.record(schema, path)
@@ -118,18 +122,19 @@ class _Compiler:
         raise Unsupported
 
     def union(self, branches: list[Any], path: str) -> Write:
-        by_json: dict[str, tuple[bytes, Write]] = {}
+        lookup: dict[type, tuple[bytes, Write]] = {}
+        names = []
         for i, branch in enumerate(branches):
-            kind = self.json_kind(branch)
-            if kind is None or kind in by_json:
+            classes = self.accepts(branch)
+            if classes is None or any(c in lookup for c in classes):
                 raise Unsupported  # two branches for one JSON type: fastavro validates
-            by_json[kind] = (zigzag_varint(i), self.build(branch, path))
-        if "float" in by_json and "int" not in by_json:
-            by_json["int"] = by_json["float"]  # as fastavro: an integer fits a double
-        classes = {type(None): "null", bool: "bool", int: "int", float: "float", str: "str",
-                   bytes: "bytes", dict: "dict", list: "list"}
-        lookup = {cls: by_json[k] for cls, k in classes.items() if k in by_json}
-        kinds = ", ".join(_JSON_NAMES[k] for k in by_json)
+            entry = (zigzag_varint(i), self.build(branch, path))
+            for c in classes:
+                lookup[c] = entry
+            names.append(_UNION_NAMES.get(classes[0], classes[0].__name__))
+        if float in lookup and int not in lookup:
+            lookup[int] = lookup[float]  # as fastavro: an integer fits a double
+        kinds = ", ".join(names)
 
         def union(value: Any, out: bytearray) -> None:
             hit = lookup.get(value.__class__)
@@ -139,6 +144,17 @@ class _Compiler:
             hit[1](value, out)
         return union
 
+    def accepts(self, schema: Any) -> tuple[type, ...] | None:
+        """The Python classes (after the codec's conversions) a branch takes."""
+        if isinstance(schema, str) and schema in self.named:
+            schema = self.named[schema]
+        if isinstance(schema, dict):
+            logical = schema.get("logicalType")
+            if logical is not None:
+                return _LOGICAL_CLASSES.get((schema.get("type"), logical))
+            schema = schema.get("type")
+        return _CLASSES.get(schema) if isinstance(schema, str) else None
+
     def inline_kind(self, schema: Any) -> str | None:
         """The primitive the generated record code writes itself, if any."""
         if isinstance(schema, str) and schema in self.named:
@@ -146,15 +162,6 @@ class _Compiler:
         if isinstance(schema, dict) and schema.get("logicalType") is None:
             schema = schema.get("type")
         return schema if schema in ("string", "int", "long", "double", "boolean") else None
-
-    def json_kind(self, schema: Any) -> str | None:
-        if isinstance(schema, str) and schema in self.named:
-            schema = self.named[schema]
-        if isinstance(schema, dict):
-            if schema.get("logicalType") is not None:
-                return None
-            schema = schema.get("type")
-        return _JSON_KIND.get(schema) if isinstance(schema, str) else None
 
     def record(self, schema: dict[str, Any], path: str) -> Write:
         # Built once per place it is used, so errors name the field path; a
@@ -237,13 +244,96 @@ def _record_function(fields: list[tuple[str, Write, bytes | None, str]],
     return function
 
 
+_CLASSES: dict[str, tuple[type, ...]] = {
+    "null": (type(None),), "boolean": (bool,), "int": (int,), "long": (int,),
+    "float": (float,), "double": (float,), "string": (str,), "enum": (str,),
+    "bytes": (bytes,), "record": (dict,), "map": (dict,), "array": (list,)}
+_UNION_NAMES = {type(None): "null", bool: "boolean", int: "integer", float: "number",
+                str: "string", bytes: "bytes", dict: "object", list: "array",
+                datetime: "timestamp", date: "date", time: "time", Decimal: "decimal"}
+# After the codec's conversions (codecs.avro_converter): strings became these objects.
+_LOGICAL_CLASSES: dict[tuple[Any, Any], tuple[type, ...]] = {
+    ("long", "timestamp-millis"): (datetime, int), ("long", "timestamp-micros"): (datetime, int),
+    ("long", "local-timestamp-millis"): (datetime, int),
+    ("long", "local-timestamp-micros"): (datetime, int),
+    ("int", "date"): (date, int), ("int", "time-millis"): (time, int),
+    ("long", "time-micros"): (time, int), ("bytes", "decimal"): (Decimal,),
+    ("string", "uuid"): (str,)}
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_EPOCH_NAIVE = datetime(1970, 1, 1)
+_EPOCH_DAY = date(1970, 1, 1)
+
+
+def _logical(schema: dict[str, Any], path: str) -> Write:
+    """timestamps, dates, times and bytes decimals, as fastavro writes them;
+    values arrive converted (datetime, date, time, Decimal) or as Avro's numbers."""
+    kind, logical = schema.get("type"), str(schema.get("logicalType"))
+    if (kind, logical) not in _LOGICAL_CLASSES:
+        raise Unsupported  # fixed decimals, durations, unknown logical types
+    if logical == "uuid":
+        return _primitive("string", path)
+    if logical == "decimal":
+        scale = int(schema.get("scale", 0))
+
+        def decimal(value: Any, out: bytearray) -> None:
+            if value.__class__ is not Decimal:
+                raise _misfit(path, "a decimal", value)
+            sign, digits, exponent = value.as_tuple()
+            if not isinstance(exponent, int) or exponent + scale < 0:
+                raise _misfit(path, f"a decimal with at most {scale} place(s)", value)
+            unscaled = 0
+            for digit in digits:
+                unscaled = unscaled * 10 + digit
+            unscaled *= 10 ** (exponent + scale)
+            if sign:
+                unscaled = -unscaled
+            data = unscaled.to_bytes((unscaled.bit_length() + 8) // 8, "big", signed=True)
+            out += zigzag_varint(len(data))
+            out += data
+        return decimal
+    low, high = _LONG if kind == "long" else _INT
+    if logical in ("date", "time-millis", "time-micros"):
+        if logical == "date":
+            def convert(value: Any) -> int:
+                return int((value - _EPOCH_DAY).days)
+            cls: type = date
+        else:
+            unit = 1000 if logical == "time-millis" else 1
+
+            def convert(value: Any) -> int:
+                micros: int = (((value.hour * 60 + value.minute) * 60 + value.second)
+                               * 1_000_000 + value.microsecond)
+                return micros // unit
+            cls = time
+    else:
+        per_second = 1000 if logical.endswith("millis") else 1_000_000
+        div = 1000 if per_second == 1000 else 1
+        local = logical.startswith("local-")
+
+        def convert(value: Any) -> int:
+            epoch = _EPOCH if value.tzinfo is not None and not local else _EPOCH_NAIVE
+            if value.tzinfo is not None and local:
+                value = value.replace(tzinfo=None)
+            delta: timedelta = value - epoch
+            return ((delta.days * 86400 + delta.seconds) * per_second
+                    + delta.microseconds // div)
+        cls = datetime
+
+    def logical_value(value: Any, out: bytearray) -> None:
+        if value.__class__ is int:
+            number = value
+        elif value.__class__ is cls:
+            number = convert(value)
+        else:
+            raise _misfit(path, f"{logical} ({cls.__name__} or a number)", value)
+        if not low <= number <= high:
+            raise _misfit(path, f"{logical} within the {kind} range", value)
+        out += zigzag_varint(number)
+    return logical_value
+
+
 _PRIMITIVES = frozenset(("null", "boolean", "int", "long", "float", "double", "string",
                          "bytes"))
-_JSON_KIND = {"null": "null", "boolean": "bool", "int": "int", "long": "int",
-              "float": "float", "double": "float", "string": "str", "enum": "str",
-              "bytes": "bytes", "record": "dict", "map": "dict", "array": "list"}
-_JSON_NAMES = {"null": "null", "bool": "boolean", "int": "integer", "float": "number",
-               "str": "string", "bytes": "bytes", "dict": "object", "list": "array"}
 
 
 def _primitive(kind: str, path: str) -> Write:

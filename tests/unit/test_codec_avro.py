@@ -353,7 +353,10 @@ def with_next(value: Any) -> Any:
 
 def test_the_fast_writer_covers_plain_records_and_not_the_rest(tmp_path: Path) -> None:
     bench_schema = Path(__file__).resolve().parents[2] / "bench" / "schemas" / "order.avsc"
-    cases = [(PLAIN_AVSC, True), (ORDER_AVSC, False),  # logical types: fastavro
+    cases = [(PLAIN_AVSC, True), (ORDER_AVSC, True),
+             ({"type": "record", "name": "X", "fields": [{"name": "m", "type": {
+                 "type": "fixed", "name": "M", "size": 8, "logicalType": "decimal",
+                 "precision": 12, "scale": 2}}]}, False),  # fixed: fastavro
              ({"type": "record", "name": "U", "fields": [
                  {"name": "u", "type": ["int", "long"]}]}, False),  # two integer branches
              ({"type": "record", "name": "F", "fields": [
@@ -410,3 +413,71 @@ def test_a_missing_field_without_default_is_refused_by_the_fast_writer(tmp_path:
     no_note = {k: v for k, v in PLAIN_JSON.items() if k != "note"}
     codec = AvroCodec(schema)
     assert orjson.loads(codec.to_json(codec.from_json(orjson.dumps(no_note))))["note"] is None
+
+
+LOGICAL_AVSC: dict[str, Any] = {
+    "type": "record", "name": "Times", "namespace": "lt",
+    "fields": [
+        {"name": "ts_ms", "type": {"type": "long", "logicalType": "timestamp-millis"}},
+        {"name": "ts_us", "type": {"type": "long", "logicalType": "timestamp-micros"}},
+        {"name": "local_ms", "type": {"type": "long", "logicalType": "local-timestamp-millis"}},
+        {"name": "local_us", "type": {"type": "long", "logicalType": "local-timestamp-micros"}},
+        {"name": "day", "type": {"type": "int", "logicalType": "date"}},
+        {"name": "t_ms", "type": {"type": "int", "logicalType": "time-millis"}},
+        {"name": "t_us", "type": {"type": "long", "logicalType": "time-micros"}},
+        {"name": "money", "type": {"type": "bytes", "logicalType": "decimal", "precision": 20,
+                                   "scale": 2}},
+        {"name": "rate", "type": {"type": "bytes", "logicalType": "decimal", "precision": 9,
+                                  "scale": 6}},
+        {"name": "id", "type": {"type": "string", "logicalType": "uuid"}},
+        {"name": "maybe_ts", "type": ["null", {"type": "long",
+                                               "logicalType": "timestamp-millis"}]},
+        {"name": "maybe_money", "type": ["null", {"type": "bytes", "logicalType": "decimal",
+                                                  "precision": 10, "scale": 2}]},
+    ],
+}
+
+
+def random_times(rng: Any) -> dict[str, Any]:
+    def stamp(micros: bool, zone: bool) -> Any:
+        if rng.random() < 0.2:
+            return rng.randrange(-(10**12), 10**13)  # the number Avro stores
+        year = rng.choice([1969, 1970, 2024, 2999, 1900])
+        frac = f".{rng.randrange(10**6):06d}" if micros else f".{rng.randrange(1000):03d}"
+        tz = rng.choice(["Z", "+02:00", "-05:30"]) if zone else ""
+        return f"{year}-0{rng.randint(1, 9)}-1{rng.randint(0, 9)}T" \
+               f"{rng.randint(10, 23)}:{rng.randint(10, 59)}:{rng.randint(10, 59)}{frac}{tz}"
+
+    def money(places: int) -> Any:
+        n = rng.randrange(-(10**9), 10**9)
+        text = f"{n / 10**places:.{rng.randint(0, places)}f}"
+        return rng.choice([text, int(n // 10**places)])
+
+    return {
+        "ts_ms": stamp(False, True), "ts_us": stamp(True, True),
+        "local_ms": stamp(False, False), "local_us": stamp(True, False),
+        "day": rng.choice(["1969-12-31", "2024-02-29", "0001-01-01", rng.randint(-999, 99999)]),
+        "t_ms": rng.choice(["00:00:00.000", "23:59:59.999", rng.randrange(86_400_000)]),
+        "t_us": rng.choice(["12:34:56.123456", rng.randrange(86_400_000_000)]),
+        "money": money(2), "rate": rng.choice(["0.000001", "-0.5", "999.999999", 0]),
+        "id": "5f0c7c1e-3b7a-4c1e-9a61-0e7d0c3b9a10",
+        "maybe_ts": rng.choice([None, stamp(False, True)]),
+        "maybe_money": rng.choice([None, money(2)]),
+    }
+
+
+def test_the_fast_writer_writes_logical_types_as_fastavro(tmp_path: Path) -> None:
+    import copy
+    import random
+
+    schema, _ = load_avro_schema(write_avsc(tmp_path, LOGICAL_AVSC))
+    codec = AvroCodec(schema)
+    assert codec._write is not None and codec._convert is not None
+    rng = random.Random(11)
+    for _ in range(500):
+        value = random_times(rng)
+        fast = codec.from_json(orjson.dumps(value))
+        typed = codec._convert(copy.deepcopy(value))  # what fastavro is given otherwise
+        reference = io.BytesIO()
+        fastavro.schemaless_writer(reference, schema, typed)
+        assert fast == reference.getvalue(), value
