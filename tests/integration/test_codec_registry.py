@@ -418,3 +418,63 @@ async def test_json_avro_registry_kafka_and_back_field_by_field(
         reason = (m.headers or {}).get("Natsconn-Error", "")
         assert reason == (f"JSON does not fit Avro schema t{unique}.Order: field "
                           f"t{unique}.Order.qty: expected int, found 'many' (str)"), reason
+
+
+async def test_schema_references_are_resolved(registry_url: str, raw: httpx.AsyncClient,
+                                              unique: str) -> None:
+    """An Avro schema naming a type registered under another subject (Confluent
+    ``references``): encode by the latest version and decode by id both resolve it."""
+    ns = f"t{unique}"
+    address = {"type": "record", "name": "Address", "namespace": ns,
+               "fields": [{"name": "city", "type": "string"}]}
+    answer = await raw.post(f"/subjects/addr-{unique}/versions",
+                            json={"schema": json.dumps(address)})
+    assert answer.status_code == 200, answer.text
+    order = {"type": "record", "name": "Shipment", "namespace": ns,
+             "fields": [{"name": "id", "type": "long"},
+                        {"name": "to", "type": f"{ns}.Address"}]}
+    topic = f"refs-{unique}"
+    answer = await raw.post(f"/subjects/{topic}-value/versions", json={
+        "schema": json.dumps(order),
+        "references": [{"name": f"{ns}.Address", "subject": f"addr-{unique}", "version": 1}]})
+    assert answer.status_code == 200, answer.text
+    encode = Encode.make_test_instance(format="avro", registry={"url": registry_url})
+    decode = Decode.make_test_instance(format="avro", registry={"url": registry_url})
+    await started(encode, decode)
+    try:
+        value = {"id": 5, "to": {"city": "Lyon"}}
+        [out] = await run(encode, [Message(orjson.dumps(value), topic)])
+        assert isinstance(out, Message), out
+        assert wire.split(out.data)[0] == answer.json()["id"]
+        [back] = await run(decode, [out])
+        assert isinstance(back, Message) and orjson.loads(back.data) == value
+    finally:
+        await closed(encode, decode)
+
+
+async def test_decode_resolves_the_writer_schema_to_a_reader_schema(
+        registry_url: str, unique: str, tmp_path: Path) -> None:
+    """decode with registry and schema_file: Avro schema evolution, the registry's
+    writer schema read as the file's reader schema."""
+    writer = schema_for(unique, [*ORDER_AVSC["fields"],
+                                 {"name": "channel", "type": "string", "default": "web"}])
+    reader = schema_for(unique, [f for f in ORDER_AVSC["fields"] if f["name"] != "note"]
+                        + [{"name": "region", "type": "string", "default": "eu"}])
+    encode = Encode.make_test_instance(
+        format="avro", schema_file=write_avsc(tmp_path, writer, "writer.avsc"),
+        registry={"url": registry_url, "auto_register": True})
+    decode = Decode.make_test_instance(
+        format="avro", schema_file=write_avsc(tmp_path, reader, "reader.avsc"),
+        registry={"url": registry_url})
+    await started(encode, decode)
+    try:
+        [out] = await run(encode, [Message(orjson.dumps(dict(ORDER_JSON, channel="app")),
+                                           f"evolve-{unique}")])
+        assert isinstance(out, Message)
+        [back] = await run(decode, [out])
+        assert isinstance(back, Message), back
+        value = orjson.loads(back.data)
+        expected = {k: v for k, v in ORDER_JSON.items() if k != "note"}
+        assert value == dict(expected, region="eu")
+    finally:
+        await closed(encode, decode)
