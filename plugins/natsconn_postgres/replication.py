@@ -115,6 +115,7 @@ class ReplicationConnection:
         self.streaming = False
         self._buf = bytearray()
         self._pos = 0
+        self._read_task: asyncio.Future[bytes] | None = None
         self.closed = False
 
     # -- opening
@@ -285,14 +286,20 @@ class ReplicationConnection:
         XLogData, ``(0x6B, wal_end, reply_requested)`` for a keepalive.
         Raises :class:`PgError` for an ErrorResponse, ``EOFError`` at the end."""
         frames = self._parse()
-        if frames:
+        if frames or max_wait <= 0:
             return frames
-        try:
-            chunk = await asyncio.wait_for(self._reader.read(want_bytes), max_wait) \
-                if max_wait > 0 else b""
-        except TimeoutError:
+        # One read in flight at a time, never cancelled on a timeout: cancelling
+        # a read that has just completed would lose its bytes (asyncio.wait_for
+        # before 3.12) and break the framing of everything after them.
+        task = self._read_task
+        if task is None:
+            task = self._read_task = asyncio.ensure_future(self._reader.read(want_bytes))
+        done, _ = await asyncio.wait((task,), timeout=max_wait)
+        if not done:
             return []
-        if not chunk and max_wait > 0:
+        self._read_task = None
+        chunk = task.result()
+        if not chunk:
             raise EOFError("the server closed the replication connection")
         self._buf += chunk
         return self._parse()
@@ -340,11 +347,17 @@ class ReplicationConnection:
     async def drain(self) -> None:
         await self._writer.drain()
 
+    def _cancel_read(self) -> None:
+        task, self._read_task = self._read_task, None
+        if task is not None:
+            task.cancel()
+
     async def close(self, timeout: float = 2.0) -> None:
         """CopyDone and Terminate, then close; bounded by ``timeout``."""
         if self.closed:
             return
         self.closed = True
+        self._cancel_read()
         try:
             if not self._writer.is_closing():
                 if self.streaming:
@@ -364,6 +377,7 @@ class ReplicationConnection:
 
     def abort(self) -> None:
         self.closed = True
+        self._cancel_read()
         transport = self._writer.transport
         transport.abort()
 
