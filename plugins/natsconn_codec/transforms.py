@@ -243,10 +243,9 @@ class Decode(_Codec):
     async def _fetch_then_decode(self, messages: list[Message], missing: set[int]) -> Result:
         ids = sorted(missing)
         results = await asyncio.gather(*(self._load(i) for i in ids), return_exceptions=True)
-        self._refused = {}
         for schema_id, result in zip(ids, results, strict=True):
             if isinstance(result, RejectedError):
-                self._refused[schema_id] = str(result)
+                _remember(self._refused, schema_id, str(result))
             elif isinstance(result, BaseException):
                 raise result
         return self._decode_all(messages)
@@ -260,10 +259,11 @@ class Decode(_Codec):
                                 f"decode reads {want}")
         if isinstance(self.codec, ProtobufCodec):
             self._by_id[schema_id] = self.codec
-            return
-        schema = await _avro_from_registry(self.registry, found)
-        self._by_id[schema_id] = AvroCodec(schema, reader=self._reader,
-                                           label=f"Avro schema id {schema_id}")
+        else:
+            schema = await _avro_from_registry(self.registry, found)
+            self._by_id[schema_id] = AvroCodec(schema, reader=self._reader,
+                                               label=f"Avro schema id {schema_id}")
+        self._refused.pop(schema_id, None)
 
     def _decode_all(self, messages: list[Message]) -> Result:
         out: list[Message | Rejected] = []
@@ -346,13 +346,14 @@ class Encode(_Codec):
         subjects = sorted(missing)
         results = await asyncio.gather(*(self._resolve(s) for s in subjects),
                                        return_exceptions=True)
-        self._refused = {}
         for subject, result in zip(subjects, results, strict=True):
             if isinstance(result, RejectedError):
-                self._refused[subject] = str(result)
+                _remember(self._refused, subject, str(result))
                 self._targets.pop(subject, None)
             elif isinstance(result, BaseException):
                 raise result
+            else:
+                self._refused.pop(subject, None)
         return self._encode_all(messages)
 
     async def _resolve(self, subject: str) -> None:
@@ -411,6 +412,17 @@ class Encode(_Codec):
                 continue
             append(Message(data, m.subject, m.key, m.headers, m.timestamp, m.id))
         return out
+
+
+_MAX_REFUSED = 1024
+
+
+def _remember(refused: dict[Any, str], key: Any, reason: str) -> None:
+    """The reason a schema id or subject failed, for the messages that need it
+    (asked again with the next batch that needs it; bounded)."""
+    if len(refused) >= _MAX_REFUSED:
+        refused.clear()
+    refused[key] = reason
 
 
 async def _avro_from_registry(registry: RegistryClient, found: RegisteredSchema,
