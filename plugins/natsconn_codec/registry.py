@@ -124,7 +124,12 @@ class _Flights:
         if task is None:
             task = asyncio.ensure_future(make())
             self.tasks[key] = task
-            task.add_done_callback(lambda _t: self.tasks.pop(key, None))
+
+            def done(t: asyncio.Task[Any]) -> None:
+                self.tasks.pop(key, None)
+                if not t.cancelled():
+                    t.exception()  # retrieved: the awaiters may all have been cancelled
+            task.add_done_callback(done)
         result: T = await asyncio.shield(task)
         return result
 
