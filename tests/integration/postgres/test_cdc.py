@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -30,6 +31,7 @@ from typing import Any
 import asyncpg
 import pytest
 from nats.aio.client import Client as NATS
+from natsconn_postgres.cdc import CdcSource
 from natsconn_postgres.pgoutput import parse_lsn
 
 from ..helpers import (
@@ -307,3 +309,216 @@ async def _slot_caught_up(dsn: str, slot: str) -> bool:
         await db.close()
     # the WAL goes on (other tests, checkpoints): caught up = within a few records
     return lag is not None and lag < 1 << 16
+
+
+# ----------------------------------------------------------------- bad input
+
+
+def _cdc_file(tmp_path: Path, pipeline: str, source: dict[str, Any], nats_url: str,
+              stream_subject: str) -> Path:
+    return pipeline_file(tmp_path, [{
+        "name": pipeline,
+        "source": {"type": "postgres_cdc", "subject": stream_subject + ".{table}",
+                   "connect_timeout": "3s", **source},
+        "sink": {"type": "jetstream", "servers": [nats_url]},
+    }], restart_backoff="200ms", restart_backoff_max="1s")
+
+
+async def _refused(file: Path, pipeline: str, *texts: str) -> str:
+    """natsconn runs, the pipeline never gets ready: /readyz 503 and the log
+    names the pipeline and says why."""
+    async with natsconn_process(file, ready=False) as proc:
+        def said() -> bool:
+            log = proc.log()
+            return all(t in log for t in texts) and f"pipeline '{pipeline}'" in log
+        try:
+            await wait_until(said, 30, f"the log says {texts}")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; log:\n{proc.log()[-3000:]}") from None
+        status, state = await proc.readyz()
+        assert status == 503, f"/readyz {status} {state}"
+        await asyncio.sleep(1.0)
+        status, state = await proc.readyz()
+        assert status == 503, f"/readyz {status} {state} a second later"
+        return proc.log()
+
+
+async def _slot_exists(db: asyncpg.Connection, slot: str) -> bool:
+    return bool(await db.fetchval("SELECT count(*) FROM pg_replication_slots "
+                                  "WHERE slot_name = $1", slot))
+
+
+async def test_table_without_primary_key_or_identity_is_refused(
+        nc: NATS, nats_url: str, postgres_dsn: str, db: asyncpg.Connection, unique: str,
+        tables: Any, cdc_names: Any, tmp_path: Path) -> None:
+    table, slot = tables("nopk"), cdc_names()
+    await db.execute(f'CREATE TABLE "{table}" (a int, b text)')
+    file = _cdc_file(tmp_path, f"nopk-{unique}", {"dsn": postgres_dsn, "slot": slot,
+                                                   "tables": [table]}, nats_url, f"c{unique}")
+    await _refused(file, f"nopk-{unique}", f"public.{table}", "neither a primary key nor a "
+                   "replica identity", "missing_identity: warn")
+    assert not await _slot_exists(db, slot), "a slot was made for a refused pipeline"
+
+
+async def test_missing_publication_is_refused(
+        nc: NATS, nats_url: str, postgres_dsn: str, db: asyncpg.Connection, unique: str,
+        tables: Any, cdc_names: Any, tmp_path: Path) -> None:
+    table, slot = tables("nopub"), cdc_names()
+    await db.execute(f'CREATE TABLE "{table}" (id int PRIMARY KEY)')
+    file = _cdc_file(tmp_path, f"nopub-{unique}", {
+        "dsn": postgres_dsn, "slot": slot, "publication": f"missing_{unique}",
+        "create_publication": False}, nats_url, f"c{unique}")
+    await _refused(file, f"nopub-{unique}", f"publication 'missing_{unique}' does not exist")
+    assert not await _slot_exists(db, slot)
+
+
+async def test_wrong_credentials_are_refused(
+        nc: NATS, nats_url: str, postgres_dsn: str, db: asyncpg.Connection, unique: str,
+        cdc_names: Any, tmp_path: Path) -> None:
+    slot = cdc_names()
+    file = _cdc_file(tmp_path, f"cred-{unique}", {
+        "dsn": postgres_dsn, "password": "not-the-password", "slot": slot}, nats_url,
+        f"c{unique}")
+    await _refused(file, f"cred-{unique}", "password authentication failed")
+    assert not await _slot_exists(db, slot)
+
+
+async def test_slot_dropped_mid_run_stops_the_pipeline(
+        nc: NATS, nats_url: str, postgres_dsn: str, db: asyncpg.Connection, unique: str,
+        tables: Any, cdc_names: Any, tmp_path: Path) -> None:
+    table, slot = tables("dropped"), cdc_names()
+    await db.execute(f'CREATE TABLE "{table}" (id int PRIMARY KEY)')
+    stream = f"CDCD_{unique}"
+    await create_stream(nc, stream, [f"c{unique}.>"])
+    pipeline = f"drop-{unique}"
+    file = _cdc_file(tmp_path, pipeline, {"dsn": postgres_dsn, "slot": slot,
+                                          "tables": [table], "lag_interval": "500ms"},
+                     nats_url, f"c{unique}")
+    async with natsconn_process(file) as proc:
+        await db.execute(f'INSERT INTO "{table}" SELECT generate_series(1, 5)')
+        await _wait_stream(nc, stream, 5, timeout=20)
+        await drop_slot(db, slot)
+        await db.execute(f'INSERT INTO "{table}" SELECT generate_series(6, 10)')
+
+        def said() -> bool:
+            return "the slot no longer exists, though natsconn created it" in proc.log()
+        try:
+            await wait_until(said, 30, "the restarted pipeline refuses to make a new slot")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; log:\n{proc.log()[-3000:]}") from None
+        assert "was dropped" in proc.log() and f"pipeline '{pipeline}'" in proc.log()
+        status, state = await proc.readyz()
+        assert status == 503, f"/readyz {status} {state}"
+        assert not await _slot_exists(db, slot), "the slot was made again silently"
+    assert await stream_count(nc, stream) == 5
+
+
+# ---------------------------------------------------------------- in process
+
+
+async def _read(source: CdcSource, n: int, timeout: float = 10.0, *, ack: bool = True
+                ) -> list[Any]:
+    from connector.testing.kit import collect_batches
+    batches = await collect_batches(source, n, timeout, max_messages=n)
+    if ack:
+        for b in batches:
+            await b.ack.ack()
+    return batches
+
+
+async def test_toast_unchanged_replica_identity_full_and_types(
+        postgres_dsn: str, db: asyncpg.Connection, tables: Any, cdc_names: Any) -> None:
+    table, slot = tables("toast"), cdc_names()
+    await db.execute(f'CREATE TABLE "{table}" (id int PRIMARY KEY, v int, big text, '
+                     "n numeric, j jsonb, b bytea, ts timestamptz, arr text[], flag bool)")
+    source = CdcSource.make_test_instance(dsn=postgres_dsn, slot=slot, tables=[table],
+                                          commit_marker=True)
+    await source.connect()
+    try:
+        big = "".join(f"{i:08x}" for i in range(20_000))  # 160 kB, stored out of line
+        await db.execute(
+            f'INSERT INTO "{table}" VALUES (1, 0, $1, 12.3400, \'{{"a": [1, 2]}}\', '
+            "'\\x00ff', '2024-05-01 12:00:00.5+02', '{\"x y\",NULL}', true)", big)
+        await db.execute(f'UPDATE "{table}" SET v = 1 WHERE id = 1')
+        await db.execute(f'ALTER TABLE "{table}" REPLICA IDENTITY FULL')
+        await db.execute(f'UPDATE "{table}" SET v = 2 WHERE id = 1')
+        await db.execute(f'DELETE FROM "{table}" WHERE id = 1')
+        batches = await _read(source, 8)
+        docs = [json.loads(m.data) for b in batches for m in b.messages]
+        ops = [d["op"] for d in docs]
+        assert ops == ["insert", "commit", "update", "commit", "update", "commit", "delete",
+                       "commit"], ops
+        ins, upd, full, dele = docs[0], docs[2], docs[4], docs[6]
+        assert ins["after"] == {"id": 1, "v": 0, "big": big, "n": "12.3400", "j": {"a": [1, 2]},
+                                "b": "AP8=", "ts": "2024-05-01T10:00:00.5+00:00",
+                                "arr": ["x y", None], "flag": True}
+        assert ins["types"]["arr"] == "_text" and ins["types"]["n"] == "numeric"
+        # default identity: the unchanged TOASTed value is not sent, and said so
+        assert upd["unchanged_toast"] == ["big"] and "big" not in upd["after"]
+        assert upd["before"] is None and upd["after"]["v"] == 1
+        # FULL: the whole old row
+        assert full["before"]["v"] == 1 and full["before"]["big"] == big
+        assert dele["before"]["id"] == 1 and dele["before"]["big"] == big
+        assert docs[1]["changes"] == 1 and docs[1]["lsn"] == ins["lsn"]
+        assert [m.id for m in batches[0].messages][:2] == [f"{ins['lsn']}:1",
+                                                           f"{ins['lsn']}:commit"]
+    finally:
+        await source.close()
+
+
+async def test_out_of_order_acks_do_not_move_the_slot_past_an_unacked_batch(
+        postgres_dsn: str, db: asyncpg.Connection, tables: Any, cdc_names: Any) -> None:
+    table, slot = tables("order"), cdc_names()
+    await db.execute(f'CREATE TABLE "{table}" (id int PRIMARY KEY)')
+    source = CdcSource.make_test_instance(dsn=postgres_dsn, slot=slot, tables=[table])
+    await source.connect()
+
+    async def slot_lsn() -> int:
+        await asyncio.sleep(0.3)  # the status update travels
+        return parse_lsn(await db.fetchval("SELECT confirmed_flush_lsn::text FROM "
+                                           "pg_replication_slots WHERE slot_name = $1", slot))
+    try:
+        await db.execute(f'INSERT INTO "{table}" VALUES (1)')
+        (a,) = await _read(source, 1, ack=False)
+        await db.execute(f'INSERT INTO "{table}" VALUES (2)')
+        (b,) = await _read(source, 1, ack=False)
+        first = parse_lsn(json.loads(a.messages[0].data)["lsn"])
+        second = parse_lsn(json.loads(b.messages[0].data)["lsn"])
+        await b.ack.ack()
+        assert source.confirmed <= first and await slot_lsn() <= first, (
+            "the slot moved past a batch not acknowledged")
+        await a.ack.ack()
+        assert source.confirmed > first and await slot_lsn() == source.confirmed
+        assert await source.read_batch(10, 0.5) is None  # decodes the second commit
+        assert source.confirmed > second and await slot_lsn() == source.confirmed
+    finally:
+        await source.close()
+    # a new instance does not see them again
+    again = CdcSource.make_test_instance(dsn=postgres_dsn, slot=slot, tables=[table])
+    await again.connect()
+    try:
+        await db.execute(f'INSERT INTO "{table}" VALUES (3)')
+        docs = [json.loads(m.data) for b in await _read(again, 5, 3.0) for m in b.messages]
+        assert [d["after"]["id"] for d in docs] == [3]
+    finally:
+        await again.close()
+
+
+async def test_retained_wal_is_measured_and_warned_about(
+        postgres_dsn: str, db: asyncpg.Connection, tables: Any, cdc_names: Any,
+        caplog: pytest.LogCaptureFixture) -> None:
+    table, slot = tables("lag"), cdc_names()
+    await db.execute(f'CREATE TABLE "{table}" (id int PRIMARY KEY, pad text)')
+    source = CdcSource.make_test_instance(dsn=postgres_dsn, slot=slot, tables=[table],
+                                          lag_interval="200ms", lag_warning="64KiB")
+    await source.connect()
+    try:
+        await db.execute(f"INSERT INTO \"{table}\" SELECT g, repeat('x', 500) "
+                         "FROM generate_series(1, 2000) g")
+        with caplog.at_level(logging.WARNING):
+            await wait_until(lambda: (source.retained_bytes or 0) > 64 * 1024, 10,
+                             "the lag measured above lag_warning")
+            await wait_until(lambda: "retains" in caplog.text, 5, "the lag warning")
+        assert "lag_warning" in caplog.text
+    finally:
+        await source.close()
