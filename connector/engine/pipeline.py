@@ -78,6 +78,8 @@ class Pipeline:
         bound = max(r.batch.max_messages * (r.max_in_flight + 1) for r in config.routes)
         self._window = Window(max(bound, spec.batch.max_messages * (spec.max_in_flight + 1)),
                               spec.max_in_flight_bytes)
+        self.metrics.in_flight_max.set(self._window.max_messages)
+        self.metrics.in_flight_max_bytes.set(self._window.max_bytes)
         self._live: set[Tracker] = set()
         self._side: set[asyncio.Task[None]] = set()  # dead-lettering of transform rejects
         self.source: Source[Any] = _instantiate(config.source, self.name, "source", instance)

@@ -97,9 +97,12 @@ class AdminApi:
         if path == "/":
             if not reading:
                 return problem(405, "the status page is read with GET", path)
+            # ?refresh=off: a page that stays put while a token is typed into it.
+            still = "refresh=off" in query.split("&")
             html = render_page(all_status(sup, self.history), mutable=self.mutable,
                                reload=self.reloader.last.as_json() if self.reloader is not None
-                               and self.reloader.last is not None else None)
+                               and self.reloader.last is not None else None,
+                               **({"refresh": 0} if still else {}))
             return Response(200, "text/html; charset=utf-8", html.encode())
         if parts == ["pipelines"]:
             if not reading:

@@ -32,6 +32,11 @@ WRITE_SECONDS = Histogram(
 _LIVE: Final = "livesum"
 IN_FLIGHT = Gauge("natsconn_in_flight_messages", "Messages read but not yet acknowledged", _P,
                   registry=REGISTRY, multiprocess_mode=_LIVE)
+IN_FLIGHT_MAX = Gauge("natsconn_in_flight_max_messages", "The in-flight bound: messages read but "
+                      "not yet acknowledged, at most", _P, registry=REGISTRY,
+                      multiprocess_mode=_LIVE)
+IN_FLIGHT_MAX_BYTES = Gauge("natsconn_in_flight_max_bytes", "The in-flight bound in payload "
+                            "bytes", _P, registry=REGISTRY, multiprocess_mode=_LIVE)
 IN_FLIGHT_BYTES = Gauge("natsconn_in_flight_bytes", "Payload bytes read but not acknowledged",
                         _P, registry=REGISTRY, multiprocess_mode=_LIVE)
 RETRIES = Counter("natsconn_retries", "Sink write attempts that failed and were retried", _P,
@@ -95,6 +100,8 @@ class PipelineMetrics:
         self.batches = BATCHES.labels(pipeline)
         self.write_seconds = WRITE_SECONDS.labels(pipeline)
         self.in_flight = IN_FLIGHT.labels(pipeline)
+        self.in_flight_max = IN_FLIGHT_MAX.labels(pipeline)
+        self.in_flight_max_bytes = IN_FLIGHT_MAX_BYTES.labels(pipeline)
         self.in_flight_bytes = IN_FLIGHT_BYTES.labels(pipeline)
         self.retries = RETRIES.labels(pipeline)
         self.dead_lettered = DEAD_LETTERED.labels(pipeline)

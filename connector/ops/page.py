@@ -146,8 +146,14 @@ def render(pipelines: list[dict[str, Any]], *, mutable: bool,
     if reload is not None:
         what = "applied" if reload.get("ok") else f"refused: {reload.get('error', '')}"
         note = f'<p class="meta">last reload {_e(reload.get("at", ""))}: {_e(what)}</p>'
-    mode = ("pause, resume and restart need the admin token" if mutable
-            else "read-only (no admin token configured)")
+    if mutable and refresh > 0:
+        mode = ('pause, resume and restart need the admin token (<a href="/?refresh=off">stop '
+                "refreshing</a> to type it)")
+    elif mutable:
+        mode = ('pause, resume and restart need the admin token; this page does not refresh '
+                '(<a href="/">refresh it</a>)')
+    else:
+        mode = "read-only (no admin token configured)"
     return (
         '<!doctype html><html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'

@@ -41,7 +41,7 @@ class History:
         for name in [n for n in self.points if n not in supervisor.records]:
             del self.points[name]
 
-    def rates(self, name: str, span: float = 10.0) -> tuple[float, float]:
+    def rates(self, name: str, span: float = 4.0) -> tuple[float, float]:
         """Messages per second read and written over about the last ``span`` seconds."""
         points = self.points.get(name)
         if not points or len(points) < 2:
