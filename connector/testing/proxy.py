@@ -45,6 +45,9 @@ class _Link:
 class TcpProxy:
     """Forwards ``127.0.0.1:<random port>`` to ``target_host:target_port``.
 
+    ``listen_port`` fixes the port instead (a server that advertises the proxy's
+    address to its clients, as a Kafka listener does, needs it known in advance).
+
     Use ``await TcpProxy(host, port).start()`` (or ``async with``); ``close()``
     stops listening and aborts every connection.
     """
@@ -56,10 +59,12 @@ class TcpProxy:
         *,
         delay: float = 0.0,
         listen_host: str = "127.0.0.1",
+        listen_port: int = 0,
     ) -> None:
         self.target_host = target_host
         self.target_port = target_port
         self.listen_host = listen_host
+        self.listen_port = listen_port
         self.delay = delay
         self.accepted = 0  # connections accepted and forwarded, over the proxy's life
         self.refused = 0  # connections closed at once because of refuse()
@@ -78,7 +83,8 @@ class TcpProxy:
 
     async def start(self) -> TcpProxy:
         if self._server is None:
-            self._server = await asyncio.start_server(self._handle, self.listen_host, 0)
+            self._server = await asyncio.start_server(self._handle, self.listen_host,
+                                                      self.listen_port)
             self._port = self._server.sockets[0].getsockname()[1]
         return self
 

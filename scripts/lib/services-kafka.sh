@@ -57,9 +57,9 @@ _kafka_write_config() {
 process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@$SVC_HOST:$KAFKA_CONTROLLER_PORT
-listeners=PLAINTEXT://$SVC_HOST:$KAFKA_PORT,CONTROLLER://$SVC_HOST:$KAFKA_CONTROLLER_PORT,SASL_PLAINTEXT://$SVC_HOST:$KAFKA_SASL_PORT
-advertised.listeners=PLAINTEXT://$SVC_HOST:$KAFKA_PORT,SASL_PLAINTEXT://$SVC_HOST:$KAFKA_SASL_PORT
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT
+listeners=PLAINTEXT://$SVC_HOST:$KAFKA_PORT,CONTROLLER://$SVC_HOST:$KAFKA_CONTROLLER_PORT,SASL_PLAINTEXT://$SVC_HOST:$KAFKA_SASL_PORT,PROXIED://$SVC_HOST:$KAFKA_PROXIED_PORT
+advertised.listeners=PLAINTEXT://$SVC_HOST:$KAFKA_PORT,SASL_PLAINTEXT://$SVC_HOST:$KAFKA_SASL_PORT,PROXIED://$SVC_HOST:$KAFKA_PROXIED_ADVERTISED_PORT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT,PROXIED:PLAINTEXT
 controller.listener.names=CONTROLLER
 inter.broker.listener.name=PLAINTEXT
 sasl.enabled.mechanisms=SCRAM-SHA-256,SCRAM-SHA-512,PLAIN
@@ -144,7 +144,9 @@ _kafka_format() {
     "$KAFKA_CLUSTER_ID_FILE" "$KAFKA_SASL_USER" "$KAFKA_SASL_PASSWORD"
 }
 
-kafka_port_ready() { tcp_open "$KAFKA_PORT" && tcp_open "$KAFKA_SASL_PORT"; }
+kafka_port_ready() {
+  tcp_open "$KAFKA_PORT" && tcp_open "$KAFKA_SASL_PORT" && tcp_open "$KAFKA_PROXIED_PORT"
+}
 
 kafka_ready() {
   grep -q 'Kafka Server started' "$KAFKA_LOG" 2>/dev/null && kafka_port_ready
@@ -156,9 +158,17 @@ kafka_launch() {
   local pid
   KAFKA_LAUNCHED_AT=
   if pid=$(kafka_pid); then
-    return 0
+    # A broker started by an older scripts/services has no PROXIED listener (its
+    # server.properties is rewritten only at start; the KRaft storage does not
+    # record listeners): restart it once so that it gets one.
+    if grep -q '^listeners=.*PROXIED://' "$KAFKA_CONF" 2>/dev/null; then
+      return 0
+    fi
+    say "kafka: running without the PROXIED listener (:$KAFKA_PROXIED_PORT): restarting to add it"
+    stop_pid "$pid" "${NATSCONN_KAFKA_STOP_TIMEOUT:-60}" kafka
+    rm -f "$KAFKA_PID"
   fi
-  check_ports_free kafka "$KAFKA_PORT" "$KAFKA_CONTROLLER_PORT" "$KAFKA_SASL_PORT"
+  check_ports_free kafka "$KAFKA_PORT" "$KAFKA_CONTROLLER_PORT" "$KAFKA_SASL_PORT" "$KAFKA_PROXIED_PORT"
   KAFKA_LAUNCHED_AT=$(now_ms)
   _kafka_write_config
   _kafka_format
@@ -195,7 +205,7 @@ kafka_wait() {
     stop_pid "$pid" 15 kafka
     die "kafka: failed to start (log: $KAFKA_LOG)"
   fi
-  say "kafka: started in $(elapsed "$KAFKA_LAUNCHED_AT") (pid $pid, $SVC_HOST:$KAFKA_PORT, SASL $SVC_HOST:$KAFKA_SASL_PORT)"
+  say "kafka: started in $(elapsed "$KAFKA_LAUNCHED_AT") (pid $pid, $SVC_HOST:$KAFKA_PORT, SASL $SVC_HOST:$KAFKA_SASL_PORT, PROXIED $SVC_HOST:$KAFKA_PROXIED_PORT advertised as :$KAFKA_PROXIED_ADVERTISED_PORT)"
 }
 
 kafka_start() { kafka_launch && kafka_wait; }
