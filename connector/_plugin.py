@@ -16,7 +16,12 @@ from ._message import Message
 
 
 class PluginConfig(BaseModel):
-    """Base of every plugin's options. Unknown keys are errors, not ignored."""
+    """Base of every plugin's options. Unknown keys are errors, not ignored.
+
+    Validators may read ``info.context["base_dir"]``: the folder of the pipeline
+    file being loaded, against which a relative file path in an option resolves
+    (absent when the options do not come from a file).
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

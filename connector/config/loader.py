@@ -203,7 +203,7 @@ def _resolve(
         raise ConfigError(str(exc), file=file, line=lines.get((*path, "type"), lines.get(path)),
                           path=format_path((*path, "type"))) from None
     try:
-        config = cls.Config.model_validate(spec.options())
+        config = cls.Config.model_validate(spec.options(), context=_context(file))
     except ValidationError as exc:
         raise from_validation_error(
             exc, cls.Config, file=file, lines=lines, prefix=path,
@@ -213,6 +213,14 @@ def _resolve(
         raise ConfigError(exc.message, file=file, line=lines.get(path),
                           path=format_path(path)) from None
     return ResolvedPlugin(kind, spec.type, cls, config)
+
+
+def _context(file: str) -> dict[str, Any]:
+    """What a plugin's validators may read from ``info.context``: ``base_dir``,
+    the folder of the pipeline file, against which relative paths resolve."""
+    if file.startswith("<"):
+        return {}
+    return {"base_dir": str(FsPath(file).resolve().parent)}
 
 
 _URL_PASSWORD = re.compile(r"://[^/@:\s]*:([^/@\s]+)@")

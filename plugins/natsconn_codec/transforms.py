@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import time
 from collections.abc import Awaitable, Sequence
 from typing import Any, ClassVar, Literal
@@ -49,6 +50,16 @@ Result = Sequence[Message | Rejected]
 _SCHEMA_TYPES = {"avro": "AVRO", "protobuf": "PROTOBUF", "json": "JSON"}
 
 
+def _beside_the_file(path: str, info: ValidationInfo) -> str:
+    """A relative path is the pipeline file's folder's; if nothing is there, the
+    working directory's (as before)."""
+    base = (info.context or {}).get("base_dir")
+    if base is None or os.path.isabs(path):
+        return path
+    candidate = os.path.join(base, path)
+    return candidate if os.path.exists(candidate) else path
+
+
 class CodecConfig(PluginConfig):
     direction: ClassVar[str] = "decode"
 
@@ -76,6 +87,7 @@ class CodecConfig(PluginConfig):
             return value
         if fmt in ("json", "msgpack"):
             raise ValueError(f"format {fmt} takes no schema_file")
+        value = _beside_the_file(value, info)
         if fmt == "avro":
             load_avro_schema(value)
         else:
