@@ -7,9 +7,12 @@ verification off, and natsconn never falls back to plain text by itself.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import json
 import re
 import ssl
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -377,6 +380,8 @@ async def open_connection(
             # refusal often reaches us as a bare reset or broken pipe, not as the alert.
             reason = (f"TLS: the server ended the session ({reason}); a missing or "
                       "untrusted client certificate shows this way with TLS 1.3")
+        if config.creds_file and _is_authorization(cause):
+            reason += creds_hint(config.creds_file)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(nc.close(), 2.0)
         raise RetryableError(f"cannot connect to NATS at {describe_servers(config.servers)}: "
@@ -385,14 +390,64 @@ async def open_connection(
     return nc
 
 
+def _is_authorization(exc: BaseException) -> bool:
+    return isinstance(exc, nats.errors.AuthorizationError) or "Authorization" in str(exc)
+
+
 def _telling(causes: list[Exception]) -> Exception | None:
     """The cause worth reporting: an authorization or TLS failure rather than the
     connection reset that follows it, else the last one."""
     for exc in reversed(causes):
-        if isinstance(exc, nats.errors.AuthorizationError | ssl.SSLError
-                      | ssl.CertificateError) or "Authorization" in str(exc):
+        if isinstance(exc, ssl.SSLError | ssl.CertificateError) or _is_authorization(exc):
             return exc
     return causes[-1] if causes else None
+
+
+_PUBLIC_NKEY = re.compile(r"^[AU][A-Z2-7]{55}$")
+
+
+def creds_hint(path: str) -> str:
+    """Why a server in operator mode refused a creds file, as far as the file tells.
+
+    The server says only "Authorization Violation". The user JWT says when it
+    expires (``exp``) or becomes valid (``nbf``), which user it is and which
+    account issued it; a revocation is in the account JWT on the server, so it
+    is named as the likely cause when the JWT itself is in date. Only public keys
+    and times are printed: never the seed, nor the JWT.
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
+        lines = [ln.strip() for ln in text.splitlines()]
+        token = lines[lines.index("-----BEGIN NATS USER JWT-----") + 1]
+        body = token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+        if not isinstance(claims, dict):
+            raise ValueError
+    except Exception:
+        return f" (creds file {path}: no readable user JWT in it)"
+
+    def stamp(value: object) -> str:
+        return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(float(value)))  # type: ignore[arg-type]
+
+    who = ""
+    user, account = claims.get("sub"), claims.get("iss")
+    if isinstance(user, str) and _PUBLIC_NKEY.match(user):
+        who = f" of user {user}"
+        if isinstance(account, str) and _PUBLIC_NKEY.match(account):
+            who += f" (account {account})"
+    now = time.time()
+    expires, not_before = claims.get("exp"), claims.get("nbf")
+    if isinstance(expires, int | float) and expires and expires < now:
+        return (f"; the user JWT{who} in creds file {path} expired at {stamp(expires)}, "
+                f"{now - expires:.0f}s ago: issue new credentials")
+    if isinstance(not_before, int | float) and not_before > now:
+        return (f"; the user JWT{who} in creds file {path} is not valid before "
+                f"{stamp(not_before)}")
+    issued = claims.get("iat")
+    when = f", issued {stamp(issued)}" if isinstance(issued, int | float) else ""
+    return (f"; the server refused the user JWT{who} in creds file {path}{when}, which is "
+            "in date: it is most likely revoked by its account, or the server does not "
+            "know or trust its account")
 
 
 def describe_servers(servers: list[str]) -> str:

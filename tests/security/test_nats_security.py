@@ -3,8 +3,8 @@ token and NKey authentication, against the servers of ``scripts/services start
 nats-tls``. A wrong credential or an untrusted certificate is one clear error,
 /readyz stays 503, and TLS configured never means plain text.
 
-The creds-file (user JWT) case is not here: it needs the ``nsc`` tool, which
-could not be built on this machine (see docs/security.md).
+The creds-file (user JWT) case is in test_nats_jwt.py, against an operator-mode
+server of its own with JWTs made by the test (no ``nsc``).
 """
 
 from __future__ import annotations
