@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from .test_config import BROKEN, BROKEN_CASES, REPO
+from .test_config import BROKEN, BROKEN_CASES, EXPRESSION_COLUMNS, REPO
 
 NATSCONN = Path(sys.executable).with_name("natsconn")
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
@@ -39,7 +39,9 @@ def test_broken_file_prints_one_error_with_file_line_and_exits_2(name: str) -> N
     assert "Traceback" not in result.stderr
     errors = [x for x in result.stderr.splitlines() if x.startswith("error:")]
     assert len(errors) == 1, result.stderr
-    assert errors[0].startswith(f"error: {rel}:{line}: "), errors[0]
+    column = EXPRESSION_COLUMNS.get(name)
+    where = f"{line}:{column}" if column is not None else f"{line}"
+    assert errors[0].startswith(f"error: {rel}:{where}: "), errors[0]
     assert result.stdout == ""
     assert result.stderr.strip() == errors[0], "nothing but the one error line"
 

@@ -233,6 +233,8 @@ def test_secret_field_value_never_shows_in_its_type_error() -> None:
 # ------------------------------------------------------------ the broken examples
 
 # file -> (line, YAML path or None, words the message must contain)
+EXPRESSION_COLUMNS = {"expression-syntax.yaml": 50, "expression-variable.yaml": 16,
+                      "expression-type.yaml": 27}
 BROKEN_CASES: dict[str, tuple[int, str | None, list[str]]] = {
     "bad-yaml.yaml": (8, None, ["invalid YAML", "mapping values are not allowed", "expected"]),
     "unknown-type.yaml": (5, "pipelines[0].source.type", [
@@ -252,6 +254,13 @@ BROKEN_CASES: dict[str, tuple[int, str | None, list[str]]] = {
     "duplicate-pipeline.yaml": (7, "pipelines[1].name", [
         "expected a unique pipeline name", "found 'orders' again", "first at line 3"]),
     "empty.yaml": (1, None, ["empty", "expected a mapping with 'pipelines:'", "found nothing"]),
+    # CEL expressions: the line, and the column of the fault in the file (EXPRESSION_COLUMNS).
+    "expression-syntax.yaml": (6, "pipelines[0].transforms[0].when", [
+        "invalid CEL expression 'data.amount > 10 &&'", "Syntax error", "filter"]),
+    "expression-variable.yaml": (7, "pipelines[0].sinks[0].when", [
+        "undeclared reference to 'amount'", "expected one of the message variables: data"]),
+    "expression-type.yaml": (7, "pipelines[0].transforms[0].subject", [
+        "no matching overload for '_+_' applied to '(string, int)'", "mapping"]),
     "secret-wrong-type.yaml": (10, "pipelines[0].sink.servers", [
         "expected a valid list", "found 'nats://127.0.0.1:4222'"]),
 }
@@ -271,7 +280,9 @@ def test_broken_example_error_names_file_line_path_expected_found(name: str) -> 
     text = str(err)
     assert err.file == str(file)
     assert err.line == line, text
-    assert text.startswith(f"{file}:{line}: "), text
+    assert err.column == EXPRESSION_COLUMNS.get(name), text
+    where = f"{line}:{err.column}" if err.column is not None else f"{line}"
+    assert text.startswith(f"{file}:{where}: "), text
     assert err.path == path, text
     if path is not None:
         assert f": {path}: " in text
