@@ -3,12 +3,16 @@
 #   --build-arg EXTRAS=all            plugin extras: kafka, redis, postgres, all
 #                                     ("kafka,redis" for two, "" for NATS only)
 #   --build-arg PYTHON_VERSION=3.11
+#   --build-arg BASE_IMAGE=...        another base with python/pip on PATH for both stages
+#                                     (scripts/image builds one from debootstrap where no
+#                                     registry is reachable); default python:3.11-slim
 # Runs as uid/gid 10001 and reads /etc/natsconn/pipeline.yaml (the Helm chart mounts it
 # there); /healthz /readyz /metrics on port 8080.
 ARG PYTHON_VERSION=3.11
+ARG BASE_IMAGE=
 
 # ---- build: one wheel of natsconn (connector + the built-in plugins) ----
-FROM python:${PYTHON_VERSION}-slim AS build
+FROM ${BASE_IMAGE:-python:${PYTHON_VERSION}-slim} AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 COPY pyproject.toml README.md ./
@@ -17,7 +21,7 @@ COPY plugins ./plugins
 RUN python -m pip wheel --no-deps --wheel-dir /wheels .
 
 # ---- runtime ----
-FROM python:${PYTHON_VERSION}-slim
+FROM ${BASE_IMAGE:-python:${PYTHON_VERSION}-slim}
 ARG EXTRAS=all
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \

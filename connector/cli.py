@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from . import __version__
 from ._errors import ConfigError, PluginLoadError
 from ._units import parse_duration
 from .config.loader import LoadedFile, load_file
@@ -59,6 +60,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog="example:\n  natsconn validate pipeline.yaml\n  natsconn run pipeline.yaml",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    top.add_argument("--version", action="version", version=f"natsconn {__version__}")
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="run the pipelines of a file", epilog=RUN_EXAMPLE,

@@ -97,11 +97,17 @@ def _exec_form(ins: Instruction) -> list[str]:
 
 def test_multi_stage_on_slim_python() -> None:
     assert len(STAGES) >= 2
-    python = _global_args()["PYTHON_VERSION"]
+    args = _global_args()
+    python = args["PYTHON_VERSION"]
     assert python == "3.11"
+    # BASE_IMAGE (empty by default) replaces the base where no registry is reachable
+    # (scripts/image); by default both stages build on python:3.11-slim.
+    assert args["BASE_IMAGE"] == ""
     for stage in STAGES:
-        image = stage[0].args.split()[0].replace("${PYTHON_VERSION}", python)
-        assert image == "python:3.11-slim", image
+        image = stage[0].args.split()[0]
+        assert image == "${BASE_IMAGE:-python:${PYTHON_VERSION}-slim}", image
+        image = image.replace("${PYTHON_VERSION}", python)
+        assert re.fullmatch(r"\$\{BASE_IMAGE:-(.+)\}", image).group(1) == "python:3.11-slim"
     assert "AS build" in STAGES[0][0].args
     requires = PYPROJECT["project"]["requires-python"]
     assert requires == ">=3.11", requires
