@@ -39,7 +39,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .._errors import ConfigError
+from .._errors import ConfigError, PartialWriteError
 from .._message import Message
 
 if TYPE_CHECKING:
@@ -240,6 +240,8 @@ class OtelWriteTracer:
                 span.set_status(self._status(self._error, "cancelled"))
             else:
                 span.set_attribute("error.type", type(error).__qualname__)
+                if isinstance(error, PartialWriteError):  # the others were written
+                    span.set_attribute("natsconn.failed_message_count", len(error.failed))
                 span.record_exception(error)
                 span.set_status(self._status(self._error, f"{type(error).__name__}: {error}"))
         span.end()

@@ -17,7 +17,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from connector._errors import ConfigError
+from connector._errors import ConfigError, PartialWriteError, RetryableError
 from connector._message import Message
 from connector.ops import tracing
 
@@ -224,6 +224,18 @@ def test_a_failed_write(spans: tuple[tracing.OtelWriteTracer, InMemorySpanExport
     assert cancelled.status.status_code is StatusCode.ERROR
     assert cancelled.status.description == "cancelled"
     assert not cancelled.events
+
+
+def test_a_partly_failed_write(spans: tuple[tracing.OtelWriteTracer, InMemorySpanExporter]) -> None:
+    writer, exporter = spans
+    error = PartialWriteError({1: RetryableError("timeout"), 3: RetryableError("timeout")})
+    writer.end(writer.begin("orders", "kafka", [msg() for _ in range(5)]), error)
+    (span,) = exporter.get_finished_spans()
+    assert span.status.status_code is StatusCode.ERROR
+    assert span.attributes is not None
+    assert span.attributes["error.type"] == "PartialWriteError"
+    assert span.attributes["natsconn.failed_message_count"] == 2
+    assert span.attributes["messaging.batch.message_count"] == 5
 
 
 # ---------------------------------------------------------------- lifecycle
