@@ -12,6 +12,13 @@ while it still answers LOADING.
 TLS is verified whenever it is configured; there is no switch to turn
 verification off.
 
+With ``cluster: true`` the client is redis-py's ``RedisCluster``: the URL (or
+host/port) and ``cluster_nodes`` are startup nodes, the rest of the cluster is
+discovered, every command goes to the master of its key's slot, MOVED and ASK
+are followed, and a failover is a retryable error until the new master is
+known. A server that is a cluster node while ``cluster`` is false is refused
+at connect (its MOVED replies would otherwise look like refused commands).
+
 Timeouts are kept once per round trip, not once per reply. redis-py applies
 ``socket_timeout`` to every reply it reads (and wraps every write in
 ``wait_for``), which costs about a quarter of the CPU of a pipelined batch of
@@ -33,25 +40,32 @@ import inspect
 import time
 from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar, cast
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, model_validator
 from redis.asyncio import Redis
-from redis.asyncio.connection import AbstractConnection
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.connection import AbstractConnection, Connection, SSLConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
+from redis.crc import key_slot
 from redis.exceptions import (
+    AskError,
     AuthenticationError,
     AuthorizationError,
     BusyLoadingError,
+    ClusterDownError,
+    ClusterError,
     ConnectionError,
     NoPermissionError,
     OutOfMemoryError,
     ReadOnlyError,
     RedisError,
     ResponseError,
+    SlotNotCoveredError,
     TimeoutError,
+    TryAgainError,
 )
 
 from connector import (
@@ -103,6 +117,10 @@ class ReconnectConfig(PluginConfig):
 class RedisConnectionConfig(PluginConfig):
     """Where Redis is and how to talk to it: a URL, or host/port/db."""
 
+    # Commands on keys, which a cluster node answers with MOVED unless it owns the
+    # slot; pub/sub is not keyed: any node of a cluster serves it.
+    keyed: ClassVar[bool] = True
+
     url: str | None = Field(None, description="redis://host:port/db, rediss:// (TLS) or "
                             "unix:///path?db=N; instead of host/port/db")
     host: str = "127.0.0.1"
@@ -122,9 +140,23 @@ class RedisConnectionConfig(PluginConfig):
     health_check_interval: Duration = Field(30.0, description="PING a connection idle this "
                                             "long before using it; 0 turns it off")
     reconnect: ReconnectConfig = Field(default_factory=ReconnectConfig)
+    cluster: bool = Field(False, description="Redis Cluster: url (or host/port) and "
+                          "cluster_nodes are startup nodes, the others are discovered; "
+                          "keys that one command or script uses together need one "
+                          "{hash tag}")
+    cluster_nodes: list[str] = Field(default_factory=list, description="more startup "
+                                     "nodes as host:port, for cluster: true")
 
     @model_validator(mode="after")
     def _url(self) -> RedisConnectionConfig:
+        if self.cluster_nodes and not self.cluster:
+            raise ValueError("cluster_nodes is for cluster: true")
+        for node in self.cluster_nodes:
+            host, _, port = node.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"cluster_nodes: expected host:port, found {node!r}")
+        if self.cluster and self.db != 0:
+            raise ValueError("a Redis Cluster has database 0 only; drop db")
         if self.url is None:
             return self
         clash = {"host", "port", "db"} & self.model_fields_set
@@ -138,6 +170,11 @@ class RedisConnectionConfig(PluginConfig):
             raise ValueError("the password is given twice: in url and in password")
         if parts.scheme == "unix" and self.tls is not None:
             raise ValueError("tls options need a redis:// or rediss:// URL, not unix://")
+        if self.cluster and parts.scheme == "unix":
+            raise ValueError("cluster: true needs redis:// or rediss:// startup nodes, not "
+                             "a unix socket")
+        if self.cluster and parts.path.strip("/") not in ("", "0"):
+            raise ValueError("a Redis Cluster has database 0 only; drop the /db of url")
         return self
 
     def describe(self) -> str:
@@ -203,7 +240,11 @@ class RedisLink:
         self.where = config.describe()
         self.down_since: float | None = None
         self.was_up = False  # an outage needs a connection that worked first
-        self.client: Redis = _make_client(config, context, self, per_reply_timeout)
+        self.cluster = config.cluster
+        # A RedisCluster has the same command methods (typed as Redis for the plugins).
+        self.client: Redis = (cast(Redis, _make_cluster(config, context, self))
+                              if config.cluster
+                              else _make_client(config, context, self, per_reply_timeout))
 
     def deadline(self, extra: float = 0.0) -> Deadline:
         """The limit of one round trip: ``socket_timeout``, plus ``extra`` (the block
@@ -244,6 +285,17 @@ class RedisLink:
         except Exception as exc:
             await self.close()
             raise connect_error(self.config, exc) from None
+        if not self.cluster and self.config.keyed:
+            try:
+                async with self.deadline():
+                    info = await self.client.info("cluster")
+            except Exception:  # an ACL without INFO, an old server: not known
+                info = {}
+            if str(info.get("cluster_enabled", "0")) == "1":
+                await self.close()
+                raise ConnectorError(
+                    f"redis at {self.where} is a Redis Cluster node; set cluster: true "
+                    "(a plain client would get MOVED for most keys)")
         self.restored()
 
     async def close(self) -> None:
@@ -296,6 +348,60 @@ class _WatchedRetry(Retry):
             if not isinstance(exc, AuthenticationError | AuthorizationError):
                 link.lost(exc)
             raise
+
+
+def _make_cluster(config: RedisConnectionConfig, context: PluginContext,
+                  link: RedisLink) -> RedisCluster:
+    """A RedisCluster with the options of :func:`_make_client`. Its own loop retries
+    a command after a MOVED, a CLUSTERDOWN or a lost node (rediscovering the
+    slots); ``reconnect.attempts`` bounds how often, ``reconnect`` the backoff."""
+    reconnect = config.reconnect
+    backoff = ExponentialWithJitterBackoff(base=reconnect.initial_backoff,
+                                           cap=reconnect.max_backoff)
+    kwargs: dict[str, Any] = {
+        "socket_connect_timeout": config.connect_timeout,
+        "socket_timeout": None,  # the callers' deadline() covers each round trip
+        "socket_keepalive": True,
+        "health_check_interval": int(config.health_check_interval),
+        "client_name": config.client_name or _client_name(context),
+        "retry": Retry(backoff, reconnect.attempts),
+        "decode_responses": False,
+        "protocol": 2,
+    }
+    if config.username:
+        kwargs["username"] = config.username
+    if config.password is not None:
+        kwargs["password"] = config.password.get_secret_value()
+    tls = config.tls
+    use_tls = tls is not None or (config.url or "").startswith("rediss://")
+    if tls is not None:
+        kwargs.update(ssl_ca_certs=tls.ca_file, ssl_certfile=tls.cert_file,
+                      ssl_keyfile=tls.key_file, ssl_check_hostname=tls.check_hostname)
+    if use_tls:
+        kwargs.update(ssl=True, ssl_cert_reqs="required")
+    if config.url is not None:
+        parts = urlsplit(config.url)
+        host, port = parts.hostname or "127.0.0.1", parts.port or 6379
+        if parts.username and not config.username:
+            kwargs["username"] = parts.username
+        if parts.password and config.password is None:
+            kwargs["password"] = parts.password
+    else:
+        host, port = config.host, config.port
+    nodes = [ClusterNode(host, port)]
+    for node in config.cluster_nodes:
+        h, _, p = node.rpartition(":")
+        nodes.append(ClusterNode(h, int(p)))
+    client = RedisCluster(startup_nodes=nodes, **kwargs)
+    # Every node's connections pack with hiredis, as the single-server client's do.
+    client.connection_kwargs["connection_class"] = _packing(
+        SSLConnection if use_tls else Connection)
+    return client
+
+
+def same_slot(*keys: str) -> bool:
+    """The keys hash to one cluster slot (they share a {hash tag}, or are equal)."""
+    return len({key_slot(k.encode()) for k in keys}) <= 1
 
 
 def _make_client(config: RedisConnectionConfig, context: PluginContext,
@@ -435,12 +541,20 @@ def is_connection_error(exc: BaseException) -> bool:
     return isinstance(exc, ConnectionError | TimeoutError | builtins.TimeoutError | OSError)
 
 
+# A cluster between masters (failover, resharding): redis-py parses the error code
+# into the class and keeps only the text after it, so these are told by class.
+_CLUSTER_TRANSIENT = (ClusterDownError, ClusterError, TryAgainError, AskError,
+                      SlotNotCoveredError)
+
+
 def command_error(exc: BaseException) -> RetryableError | RejectedError:
     """One command's failure as the engine's kind: retry, or poison for this message."""
     if isinstance(exc, RetryableError | RejectedError):
         return exc
     if is_connection_error(exc) or isinstance(exc, BusyLoadingError):
         return RetryableError(f"redis: {_reason(exc)}")
+    if isinstance(exc, _CLUSTER_TRANSIENT):
+        return RetryableError(f"redis cluster: {_reason(exc)}")
     if isinstance(exc, OutOfMemoryError | ReadOnlyError):
         return RetryableError(f"redis: {_reason(exc)}")
     text = str(exc).strip()
@@ -461,4 +575,7 @@ def read_error(link: RedisLink, exc: BaseException, what: str) -> ConnectorError
         return RetryableError(f"redis at {link.where}: {what}: {_reason(exc)}")
     if isinstance(exc, ResponseError) and str(exc).split(" ", 1)[0] in _TRANSIENT_CODES:
         return RetryableError(f"redis at {link.where}: {what}: {exc}")
+    if isinstance(exc, _CLUSTER_TRANSIENT):
+        link.lost(exc)
+        return RetryableError(f"redis cluster at {link.where}: {what}: {_reason(exc)}")
     return ConnectorError(f"redis at {link.where}: {what}: {_reason(exc)}")

@@ -15,6 +15,7 @@ from pydantic import Field, model_validator
 
 from connector import AddressTemplate, Duration, Message
 
+from .keys import KeyTemplate
 from .writer import Command, CommandSink, Failures, Planned, RedisSinkConfig
 
 
@@ -49,7 +50,7 @@ class RedisKvSink(CommandSink[RedisKvSinkConfig]):
 
     def prepare(self) -> None:
         cfg = self.config
-        self._key = AddressTemplate(cfg.key)
+        self._key = KeyTemplate(cfg.key)
         self._field = AddressTemplate(cfg.field) if cfg.field else None
         self._ttl_ms = None if cfg.ttl is None else max(1, int(cfg.ttl * 1000))
 

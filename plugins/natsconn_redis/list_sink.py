@@ -12,8 +12,9 @@ from enum import StrEnum
 
 from pydantic import Field
 
-from connector import AddressTemplate, Message, RejectedError
+from connector import Message, RejectedError
 
+from .keys import KeyTemplate
 from .writer import CommandSink, Failures, Planned, RedisSinkConfig
 
 
@@ -36,7 +37,7 @@ class RedisListSink(CommandSink[RedisListSinkConfig]):
     Config = RedisListSinkConfig
 
     def prepare(self) -> None:
-        self._key = AddressTemplate(self.config.key)
+        self._key = KeyTemplate(self.config.key)
         self._command = "LPUSH" if self.config.push is Side.left else "RPUSH"
 
     def plan(self, messages: Sequence[Message], rejected: Failures) -> Planned:

@@ -32,9 +32,9 @@ from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
-from connector import Batch, Duration, Message, PluginConfig, Source
+from connector import Batch, ConnectorError, Duration, Message, PluginConfig, Source
 
-from .connection import RedisConnectionConfig, RedisLink, open_link, read_error
+from .connection import RedisConnectionConfig, RedisLink, open_link, read_error, same_slot
 from .list_sink import Side
 
 # KEYS: queue, processing. ARGV: count, side to pop. Moves up to count elements.
@@ -97,7 +97,22 @@ class RedisListSourceConfig(RedisConnectionConfig):
     def _not_queue(self) -> RedisListSourceConfig:
         if self.processing_list.replace("{key}", self.key) == self.key:
             raise ValueError("processing_list must differ from key")
+        if self.cluster:
+            check_cluster_keys(self, "any-consumer")
         return self
+
+
+def check_cluster_keys(cfg: RedisListSourceConfig, consumer: str) -> None:
+    """In a cluster the queue, a processing list and its liveness key are used by
+    one script (and BLMOVE) together: they must hash to one slot."""
+    processing = (cfg.processing_list.replace("{key}", cfg.key)
+                  .replace("{consumer}", consumer))
+    if not same_slot(cfg.key, processing, processing + ":alive"):
+        raise ValueError(
+            f"cluster: the queue {cfg.key!r} and its processing list {processing!r} "
+            "are moved between by one command, so they must hash to one slot: put a "
+            "{hash tag} in key, e.g. '{jobs}' (the default processing list is then "
+            "'{jobs}:processing:<consumer>')")
 
 
 class ListAck:
@@ -133,6 +148,11 @@ class RedisListSource(Source[RedisListSourceConfig]):
     async def connect(self) -> None:
         cfg = self.config
         self._consumer = cfg.consumer or self.context.instance
+        if cfg.cluster:
+            try:  # the consumer's name is known only now
+                check_cluster_keys(cfg, self._consumer)
+            except ValueError as exc:
+                raise ConnectorError(str(exc)) from None
         self._processing = self._list_name(self._consumer)
         self._alive = self._processing + ":alive"
         self._pop = cfg.pop.value.upper()
@@ -188,11 +208,19 @@ class RedisListSource(Source[RedisListSourceConfig]):
         cfg = self.config
         pattern = (cfg.processing_list.replace("{key}", _GLOB_SPECIAL.sub(r"\\\1", cfg.key))
                    .replace("{consumer}", "*"))
+        # In a cluster the processing lists share the queue's slot, so its master
+        # holds them all: SCAN that node (looked up each time: a failover moves it).
+        where: dict[str, Any] = ({"target_nodes": self._r.get_node_from_key(cfg.key)}  # type: ignore[attr-defined]
+                                 if self._link.cluster else {})
         cursor: int = 0
         while True:  # SCAN by hand: one deadline per round trip
             async with self._link.deadline():
-                cursor, found = await self._r.scan(cursor, match=pattern, count=200,
-                                                   _type="list")
+                reply: Any = await self._r.scan(cursor, match=pattern, count=200,
+                                                _type="list", **where)
+            if self._link.cluster:  # ({node: cursor}, keys)
+                cursor, found = next(iter(reply[0].values())), reply[1]
+            else:
+                cursor, found = reply
             for raw in found:
                 await self._return_orphan(raw)
             if cursor == 0:

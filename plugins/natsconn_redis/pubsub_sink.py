@@ -8,8 +8,9 @@ zero receivers, which is not an error here (pub/sub is at most once by nature).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from connector import AddressTemplate, Message
 
@@ -17,8 +18,16 @@ from .writer import Command, CommandSink, Failures, Planned, RedisSinkConfig
 
 
 class RedisPubSubSinkConfig(RedisSinkConfig):
+    keyed: ClassVar[bool] = False  # any cluster node serves pub/sub
     channel: str = Field(min_length=1, description="channel template: {subject}, "
                          "{subject[N]}, {header[Name]}, {key}, {id}")
+
+    @model_validator(mode="after")
+    def _no_cluster(self) -> RedisPubSubSinkConfig:
+        if self.cluster:
+            raise ValueError("cluster: true is not supported by redis_pubsub; publish to "
+                             "one node of the cluster (it forwards to the others)")
+        return self
 
 
 class RedisPubSubSink(CommandSink[RedisPubSubSinkConfig]):

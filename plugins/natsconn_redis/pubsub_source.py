@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import Field, model_validator
 from redis.asyncio.client import PubSub
@@ -34,6 +34,7 @@ _CONFIRM = {"subscribe", "psubscribe"}
 
 
 class RedisPubSubSourceConfig(RedisConnectionConfig):
+    keyed: ClassVar[bool] = False  # any cluster node serves pub/sub
     channels: list[str] = Field(default_factory=list, description="channel names")
     patterns: list[str] = Field(default_factory=list, description="channel patterns "
                                 "(PSUBSCRIBE), e.g. orders.*")
@@ -46,6 +47,9 @@ class RedisPubSubSourceConfig(RedisConnectionConfig):
     def _something(self) -> RedisPubSubSourceConfig:
         if not self.channels and not self.patterns:
             raise ValueError("give channels, patterns or both")
+        if self.cluster:
+            raise ValueError("cluster: true is not supported by redis_pubsub; subscribe "
+                             "to one node of the cluster (it sees every PUBLISH)")
         return self
 
 

@@ -12,9 +12,10 @@ from typing import Any
 
 from pydantic import Field
 
-from connector import AddressTemplate, Message, RejectedError
+from connector import Message, RejectedError
 
 from .fields import EntryEncoder, FieldMapping
+from .keys import KeyTemplate
 from .writer import Command, CommandSink, Failures, Planned, RedisSinkConfig
 
 
@@ -37,7 +38,7 @@ class RedisStreamSink(CommandSink[RedisStreamSinkConfig]):
 
     def prepare(self) -> None:
         cfg = self.config
-        self._stream = AddressTemplate(cfg.stream)
+        self._stream = KeyTemplate(cfg.stream)
         self._encoder = EntryEncoder(cfg, cfg.id_field)
         options: list[str | int] = []
         if not cfg.create_stream:

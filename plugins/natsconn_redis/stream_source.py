@@ -40,7 +40,7 @@ from redis.exceptions import ResponseError
 
 from connector import Batch, ConnectorError, Duration, Message, PluginConfig, RetryableError, Source
 
-from .connection import RedisConnectionConfig, RedisLink, open_link, read_error
+from .connection import RedisConnectionConfig, RedisLink, open_link, read_error, same_slot
 from .fields import EntryDecoder, FieldMapping
 
 DELIVERY_COUNT = "Natsconn-Delivery-Count"
@@ -86,6 +86,22 @@ class RedisStreamSourceConfig(RedisConnectionConfig, FieldMapping):
     def _distinct(self) -> RedisStreamSourceConfig:
         if len(set(self.streams)) != len(self.streams):
             raise ValueError("streams are listed twice")
+        if self.cluster:
+            # One XREADGROUP reads every stream: in a cluster they need one slot. The
+            # dead-letter script writes the copy and acknowledges the entry together.
+            if not same_slot(*self.streams):
+                raise ValueError(
+                    "cluster: the streams are read by one XREADGROUP, so they must hash "
+                    "to one slot: give them one {hash tag}, e.g. '{orders}:eu' and "
+                    f"'{{orders}}:us' (found {self.streams})")
+            for stream in self.streams:
+                target = self.dead_letter_stream.replace("{stream}", stream)
+                if self.max_deliveries and not same_slot(stream, target):
+                    raise ValueError(
+                        f"cluster: dead_letter_stream {target!r} and stream {stream!r} "
+                        "must hash to one slot (one script moves the entry): put the "
+                        "stream's name in a {hash tag}, e.g. '{orders}', whose default "
+                        "dead-letter stream is '{orders}:dead-letter'")
         return self
 
 
@@ -218,12 +234,17 @@ class RedisStreamSource(Source[RedisStreamSourceConfig]):
             stream = self._names.get(raw_stream) or raw_stream.decode()
             stream_ids = ids.setdefault(stream, [])
             for entry_id, fields in entries:
+                message = decode(fields or {}, stream, entry_id.decode())
+                if len(messages) >= max_messages:
+                    # COUNT is per stream: what is over the batch is handed out next.
+                    self._ready.append((stream, entry_id, message))
+                    continue
                 stream_ids.append(entry_id)
                 in_flight.add((stream, entry_id))
-                messages.append(decode(fields or {}, stream, entry_id.decode()))
+                messages.append(message)
         if not messages:
             return None
-        return Batch(messages, StreamAck(self, ids))
+        return Batch(messages, StreamAck(self, {s: i for s, i in ids.items() if i}))
 
     def _take_ready(self, n: int) -> list[tuple[str, bytes, Message]]:
         ready = self._ready
@@ -316,7 +337,9 @@ class RedisStreamSource(Source[RedisStreamSourceConfig]):
         cfg = self.config
         target = cfg.dead_letter_stream.replace("{stream}", stream)
         p = cfg.header_prefix
-        pipe = self._r.pipeline(transaction=False)
+        # A cluster client cannot pipeline scripts: there the calls go one by one.
+        pipe = None if self._link.cluster else self._r.pipeline(transaction=False)
+        results: list[Any] = []
         for entry_id, fields, delivered in poison:
             values: list[Any] = _flatten(fields.items())
             values += (
@@ -328,10 +351,19 @@ class RedisStreamSource(Source[RedisStreamSourceConfig]):
                 p + "Natsconn-Original-Subject", stream,
                 p + "Natsconn-Source-Id", f"{stream}:{entry_id.decode()}",
             )
-            await self._move_script(keys=[target, stream],
-                                    args=[self._group, entry_id, *values], client=pipe)
-        async with self._link.deadline():  # SCRIPT EXISTS/LOAD, then the pipeline
-            results = await pipe.execute(raise_on_error=False)
+            if pipe is not None:
+                await self._move_script(keys=[target, stream],
+                                        args=[self._group, entry_id, *values], client=pipe)
+                continue
+            try:
+                async with self._link.deadline():
+                    results.append(await self._move_script(
+                        keys=[target, stream], args=[self._group, entry_id, *values]))
+            except ResponseError as exc:
+                results.append(exc)
+        if pipe is not None:
+            async with self._link.deadline():  # SCRIPT EXISTS/LOAD, then the pipeline
+                results = await pipe.execute(raise_on_error=False)
         failed = [r for r in results if isinstance(r, Exception)]
         moved = len(poison) - len(failed)
         if moved:
