@@ -27,6 +27,10 @@ class Meters(Protocol):
     def lag(self, messages: int) -> None:
         """How many messages wait at the source (JetStream pending, Kafka lag)."""
 
+    def lag_bytes(self, nbytes: int) -> None:
+        """How many bytes wait at the source, where it counts in bytes (the WAL a
+        replication slot retains)."""
+
 
 class NullMeters:
     """Meters that record nothing, for tests and tools."""
@@ -44,6 +48,9 @@ class NullMeters:
         return None
 
     def lag(self, messages: int) -> None:
+        return None
+
+    def lag_bytes(self, nbytes: int) -> None:
         return None
 
 

@@ -54,6 +54,9 @@ FILTERED = Counter("natsconn_filtered", "Messages dropped on purpose by a transf
                    "(acknowledged, not lost)", ("pipeline", "reason"), registry=REGISTRY)
 SOURCE_LAG = Gauge("natsconn_source_lag", "Messages waiting at the source, where it knows", _P,
                    registry=REGISTRY, multiprocess_mode="livemax")
+SOURCE_LAG_BYTES = Gauge("natsconn_source_lag_bytes", "Bytes waiting at the source, where it "
+                         "counts in bytes (WAL retained by a replication slot)", _P,
+                         registry=REGISTRY, multiprocess_mode="livemax")
 UP = Gauge("natsconn_pipeline_up", "1 while the pipeline is connected and running (with "
            "workers: how many run it)", _P, registry=REGISTRY, multiprocess_mode=_LIVE)
 RESTARTS = Counter("natsconn_pipeline_restarts", "Times the pipeline failed and restarted", _P,
@@ -134,6 +137,7 @@ class PluginMeters:
         self._reconnects = RECONNECTS.labels(pipeline, role)
         self._disconnects = DISCONNECTS.labels(pipeline, role)
         self._lag = SOURCE_LAG.labels(pipeline)
+        self._lag_bytes = SOURCE_LAG_BYTES.labels(pipeline)
         self._filtered = FILTERED.labels(pipeline, "transform")
         self._unlogged: dict[str, int] = {}
         self._logged_at: dict[str, float] = {}
@@ -159,3 +163,6 @@ class PluginMeters:
 
     def lag(self, messages: int) -> None:
         self._lag.set(messages)
+
+    def lag_bytes(self, nbytes: int) -> None:
+        self._lag_bytes.set(nbytes)
