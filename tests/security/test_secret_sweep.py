@@ -65,6 +65,12 @@ REQUIRED: dict[tuple[str, str], dict[str, Any]] = {
     ("sink", "redis_pubsub"): {"channel": "sweep"},
     ("sink", "postgres"): {"table": "sweep"},
     ("sink", "webhook"): {},
+    ("source", "nats_kv"): {"bucket": "sweep"},
+    ("sink", "nats_kv"): {"bucket": "sweep"},
+    ("sink", "nats_object"): {"bucket": "sweep"},
+    ("source", "postgres_cdc"): {"slot": "sweep_slot", "publication": "sweep_pub"},
+    ("transform", "claim_check_put"): {"bucket": "sweep"},
+    ("transform", "claim_check_get"): {},
 }
 
 
@@ -84,6 +90,9 @@ class Plant:
                   **self.options}
         if self.kind == "source":
             return {"name": self.name, "source": plugin, "sink": {"type": "drop"}}
+        if self.kind == "transform":
+            return {"name": self.name, "source": {"type": "generate", "rate": 5},
+                    "transforms": [plugin], "sink": {"type": "drop"}}
         return {"name": self.name, "source": {"type": "generate", "rate": 5}, "sink": plugin}
 
 
@@ -209,6 +218,22 @@ def _webhook_plants(s: Secrets, closed: int) -> Iterator[Plant]:
                 {"bearer_token"}, [tok])
 
 
+def _registry_plants(s: Secrets, closed: int) -> Iterator[Plant]:
+    """decode and encode talk to a schema registry that is not there, with a password."""
+    for plugin in ("decode", "encode"):
+        pw = s.new(f"registrypw{plugin}")
+        yield Plant(f"tra-{plugin}-registry", "transform", plugin, {
+            "format": "avro",
+            "registry": {"url": f"http://127.0.0.1:{closed}/apis/ccompat/v7",
+                         "username": "sweep", "password": pw, "timeout": 1}},
+            {"registry.password"}, [pw])
+        upw = s.new(f"registryurlpw{plugin}")
+        yield Plant(f"tra-{plugin}-registry-url", "transform", plugin, {
+            "format": "avro",
+            "registry": {"url": f"http://sweep:{upw}@127.0.0.1:{closed}/apis/ccompat/v7",
+                         "timeout": 1}}, set(), [upw])
+
+
 def make_plants(tmp_path: Path, certs: Any) -> tuple[list[Plant], Secrets]:
     s = Secrets(tmp_path)
     closed = free_port()  # nothing listens there
@@ -225,6 +250,11 @@ def make_plants(tmp_path: Path, certs: Any) -> tuple[list[Plant], Secrets]:
         for plugin in pg:
             plants += _postgres_plants(kind, plugin, s, closed)
     plants += _webhook_plants(s, closed)
+    for kind, plugin in (("source", "nats_kv"), ("sink", "nats_kv"), ("sink", "nats_object"),
+                         ("transform", "claim_check_put"), ("transform", "claim_check_get")):
+        plants += _nats_plants(kind, plugin, s, closed)
+    plants += _postgres_plants("source", "postgres_cdc", s, closed)
+    plants += _registry_plants(s, closed)
     return plants, s
 
 
@@ -280,17 +310,23 @@ def _run_cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
 def _broken_variants(plant: Plant, tmp_path: Path) -> Iterator[tuple[str, str]]:
     """(file name, YAML text) of files that fail validation near the secrets."""
     good = plant.pipeline()
-    role = "source" if plant.kind == "source" else "sink"
     base = {"pipelines": [good]}
+
+    def plugin_of(doc: dict[str, Any]) -> dict[str, Any]:
+        pipeline: dict[str, Any] = doc["pipelines"][0]
+        if plant.kind == "transform":
+            return pipeline["transforms"][0]  # type: ignore[no-any-return]
+        return pipeline["source" if plant.kind == "source" else "sink"]  # type: ignore[no-any-return]
+
     # 1. a secret-bearing value of the wrong type (the error shows what it found)
     for key, value in plant.options.items():
-        if isinstance(value, str | list) and any(s in str(value) for s in plant.secrets):
+        if isinstance(value, str | list | dict) and any(s in str(value) for s in plant.secrets):
             bad = yaml.safe_load(yaml.safe_dump(base))
-            bad["pipelines"][0][role][key] = {"oops": value}
+            plugin_of(bad)[key] = {"oops": value} if not isinstance(value, dict) else [value]
             yield f"{plant.name}-type-{key}.yaml", yaml.safe_dump(bad)
     # 2. an unknown option beside the secrets
     bad = yaml.safe_load(yaml.safe_dump(base))
-    bad["pipelines"][0][role]["no_such_option"] = 1
+    plugin_of(bad)["no_such_option"] = 1
     yield f"{plant.name}-extra.yaml", yaml.safe_dump(bad)
     # 3. a YAML syntax error on a line holding a secret
     text = yaml.safe_dump(base)
