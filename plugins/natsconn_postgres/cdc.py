@@ -731,8 +731,9 @@ class CdcSource(Source[CdcSourceConfig]):
                                               "streaming")
                     log.error("%s", self._fatal)
                     return
-                lag = int(row["lag"] or 0)
+                lag = max(0, int(row["lag"] or 0))
                 self.retained_bytes = lag
+                self.context.meters.lag_bytes(lag)  # natsconn_source_lag_bytes{pipeline}
                 now = time.monotonic()
                 if lag > cfg.lag_warning and now - warned > 300:
                     warned = now

@@ -522,3 +522,47 @@ async def test_retained_wal_is_measured_and_warned_about(
         assert "lag_warning" in caplog.text
     finally:
         await source.close()
+
+
+async def test_retained_wal_is_the_source_lag_bytes_gauge(
+        postgres_dsn: str, db: asyncpg.Connection, tables: Any, cdc_names: Any,
+        unique: str) -> None:
+    """``natsconn_source_lag_bytes{pipeline}`` on /metrics is the slot's retained WAL:
+    it grows while the sink holds batches unacknowledged (the slot cannot move), and
+    falls back once they are acknowledged."""
+    from connector import PluginContext
+    from connector.ops.metrics import REGISTRY, PluginMeters
+
+    pipeline = f"lag-{unique}"
+    log = logging.getLogger("test.cdc.lag")
+    context = PluginContext(pipeline, "source", "test", log,
+                            PluginMeters(pipeline, "source", log))
+    table, slot = tables("lagm"), cdc_names()
+    await db.execute(f'CREATE TABLE "{table}" (id int PRIMARY KEY, pad text)')
+    source = CdcSource.make_test_instance(context, dsn=postgres_dsn, slot=slot,
+                                          tables=[table], lag_interval="200ms")
+
+    def gauge() -> float:
+        value = REGISTRY.get_sample_value("natsconn_source_lag_bytes", {"pipeline": pipeline})
+        return -1.0 if value is None else value
+
+    await source.connect()
+    try:
+        await wait_until(lambda: gauge() >= 0, 5, "the gauge set once")
+        held = []  # read, never acknowledged: a stalled sink
+        for step in range(3):
+            await db.execute(f"INSERT INTO \"{table}\" SELECT g, repeat('x', 500) FROM "
+                             f"generate_series({step * 1000 + 1}, {step * 1000 + 1000}) g")
+            held += await _read(source, 1000, ack=False)
+            before = gauge()
+            await wait_until(lambda before=before: gauge() > before + 400_000, 10,
+                             "the gauge grows with each unacknowledged transaction")
+        grown = gauge()
+        assert grown == source.retained_bytes and grown > 1_200_000, grown
+        for b in held:
+            await b.ack.ack()
+        assert await source.read_batch(10, 0.5) is None  # decodes the last commit
+        await wait_until(lambda: gauge() < 1 << 16, 10,
+                         "the gauge falls once the sink confirmed")
+    finally:
+        await source.close()
