@@ -18,6 +18,12 @@ After a crash the server resends every transaction past the confirmed LSN;
 ``Message.id`` (``<commit LSN>:<position in the transaction>``) is the same
 then, so a JetStream sink with dedupe stores each change once.
 
+``snapshot: true`` first reads every published table's rows as ``op: read``
+messages from the snapshot the slot's creation exported (:mod:`.snapshot`),
+and sends START_REPLICATION only after the last row; until the sink confirmed
+every row (noted in the publication's comment) a restart takes it again,
+from a temporary slot's snapshot, and streams from the slot as before.
+
 Backpressure: frames are read from the socket only inside ``read_batch``,
 through a bounded buffer; when the engine stops asking, TCP stops the
 walsender. A standby status update goes out every ``status_interval`` in any
@@ -29,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import secrets
 import string
 import time
 from collections import deque
@@ -52,6 +59,7 @@ from connector import (
 )
 
 from . import pgoutput as pgo
+from . import snapshot as snap
 from .connection import (
     PostgresConnectionConfig,
     connect_error,
@@ -68,6 +76,7 @@ from .replication import PgError, ProtocolError, ReplicationConnection
 _SLOT_NAME = re.compile(r"^[a-z0-9_]{1,63}$")
 _SUBJECT_FIELDS = frozenset({"schema", "table", "op"})
 _MARKER = "natsconn postgres_cdc slots:"
+_DONE = "snapshot-done:"  # a marker token: the slot's snapshot was confirmed by the sink
 
 
 class CdcError(ConnectorError):
@@ -115,6 +124,10 @@ class CdcSourceConfig(PostgresConnectionConfig):
                                 "are lost); default: refuse, naming the slot")
     subject: str = Field("cdc.{schema}.{table}", description="subject template; "
                          "placeholders {schema}, {table}, {op}")
+    snapshot: bool = Field(False, description="before streaming, every row of the published "
+                           "tables as an op 'read' message, consistent with the slot's start "
+                           "point; taken again after a restart until the sink confirmed every "
+                           "row (then noted in the publication's comment)")
     commit_marker: bool = Field(False, description="after each transaction's changes, a "
                                 "message with op 'commit' and the number of changes")
     commit_subject: str = Field("cdc.commit", description="subject of commit markers")
@@ -157,12 +170,13 @@ class _Entry:
     """One batch handed out: messages not yet acknowledged, and the LSN that may
     be confirmed once it and every entry before it are."""
 
-    __slots__ = ("gen", "pending", "release")
+    __slots__ = ("gen", "pending", "release", "snapshot")
 
-    def __init__(self, gen: int, pending: int) -> None:
+    def __init__(self, gen: int, pending: int, snapshot: bool = False) -> None:
         self.gen = gen
         self.pending = pending
         self.release = 0
+        self.snapshot = snapshot  # rows of the initial snapshot
 
 
 class _Rel:
@@ -199,6 +213,29 @@ class _Rel:
                     self.payload_bytea = self.types[c.name] == "bytea"
 
 
+class _SnapshotRead:
+    """The snapshot being read: its transaction, the temporary slot's connection
+    (a re-taken snapshot), where it is, and its point and time."""
+
+    __slots__ = ("point", "progress", "rels", "sql", "temp", "ts")
+
+    def __init__(self, sql: asyncpg.Connection, temp: ReplicationConnection | None,
+                 progress: snap.Progress, rels: list[_Rel], point: str,
+                 ts: tuple[float, str]) -> None:
+        self.sql = sql
+        self.temp = temp
+        self.progress = progress
+        self.rels = rels
+        self.point = point
+        self.ts = ts
+
+
+def _iso_now() -> tuple[float, str]:
+    now = time.time()
+    text = datetime.fromtimestamp(now, UTC).isoformat().replace("+00:00", "Z")
+    return now, text
+
+
 def _iso(micros_since_2000: int) -> tuple[float, str]:
     seconds = pgo.PG_EPOCH + micros_since_2000 / 1_000_000
     text = datetime.fromtimestamp(seconds, UTC).isoformat().replace("+00:00", "Z")
@@ -224,6 +261,10 @@ class CdcSource(Source[CdcSourceConfig]):
         self._fatal: ConnectorError | None = None
         self.confirmed = 0  # the LSN last sent as flushed
         self.retained_bytes: int | None = None  # last measured slot lag (WAL bytes)
+        self._snapshot_needed = False  # snapshot: true and not yet confirmed (connect)
+        self.snapshot_done = False  # the sink confirmed every snapshot row; marker written
+        self.snapshot_rows = 0  # rows read by the current snapshot
+        self._snap: _SnapshotRead | None = None
         self._reset_stream()
 
     # -- errors
@@ -333,7 +374,9 @@ class CdcSource(Source[CdcSourceConfig]):
         slot = await conn.fetchrow(
             "SELECT plugin, slot_type, database, wal_status FROM pg_replication_slots "
             "WHERE slot_name = $1", self.slot)
-        created_before = self.slot in _marked_slots(pub["comment"])
+        tokens = _marked_slots(pub["comment"])
+        created_before = self.slot in tokens
+        self._publication_oid = int(pub["oid"])
         if slot is None:
             if created_before and not cfg.recreate_slot:
                 raise self._error(
@@ -358,6 +401,19 @@ class CdcSource(Source[CdcSourceConfig]):
             if slot["wal_status"] == "lost":
                 raise self._error("the slot's WAL was removed (max_slot_wal_keep_size): "
                                   "changes are lost; drop the slot and start again")
+        # A new slot is a new starting point: its snapshot is taken whatever the marker
+        # says; an existing one needs it until the sink confirmed every row of one.
+        self.snapshot_done = (not self._create_slot_now
+                              and f"{_DONE}{self.slot}" in tokens)
+        self._snapshot_needed = cfg.snapshot and not self.snapshot_done
+        if self._snapshot_needed and not await conn.fetchval(
+                "SELECT pg_has_role(pubowner, 'USAGE') FROM pg_publication WHERE oid = $1",
+                self._publication_oid):
+            raise self._error(
+                f"snapshot: true notes in the comment of publication {self.publication!r} "
+                "when the sink has confirmed every snapshot row (so that a restart before "
+                "that takes it again), and only the publication's owner may comment on it: "
+                "connect as its owner, or create the publication with natsconn")
 
     def _settings(self) -> dict[str, str]:
         cfg = self.config
@@ -381,40 +437,230 @@ class CdcSource(Source[CdcSourceConfig]):
                 ProtocolError) as exc:
             raise connect_error(cfg, exc) from None
         try:
+            exported: tuple[str, str] | None = None
             if self._create_slot_now:
-                await self._create_slot(conn)
-            await self._start(conn)
+                exported = await self._create_slot(conn, export=self._snapshot_needed)
+            if self._snapshot_needed:
+                # The exported snapshot lives while this connection runs no other
+                # command: START_REPLICATION waits until the last row is read.
+                await self._begin_snapshot(exported)
+            else:
+                await self._start(conn)
         except BaseException:
             conn.abort()
+            self._end_snapshot_read()
             raise
         self._conn = conn
 
-    async def _create_slot(self, conn: ReplicationConnection) -> None:
+    async def _create_slot(self, conn: ReplicationConnection, *, export: bool = False,
+                           temporary: str | None = None) -> tuple[str, str] | None:
+        """Create the slot (or, with ``temporary``, a temporary slot of that name
+        only for its snapshot); with ``export`` its consistent point and the name of
+        the snapshot it exported."""
+        name = temporary or self.slot
+        how = "EXPORT_SNAPSHOT" if export else "NOEXPORT_SNAPSHOT"
+        kind = "TEMPORARY LOGICAL" if temporary else "LOGICAL"
         try:
-            rows = await conn.query(
-                f'CREATE_REPLICATION_SLOT "{self.slot}" LOGICAL pgoutput NOEXPORT_SNAPSHOT')
+            rows = await conn.query(f'CREATE_REPLICATION_SLOT "{name}" {kind} pgoutput {how}')
         except PgError as exc:
-            if exc.sqlstate != "42710":  # duplicate_object: made meanwhile
+            if exc.sqlstate != "42710" or temporary:  # duplicate_object: made meanwhile
                 raise self._error(f"cannot create the slot: {exc}") from None
-            return
-        point = rows[0].get("consistent_point") if rows else None
+            return None
+        point = (rows[0].get("consistent_point") if rows else None) or "0/0"
+        exported = rows[0].get("snapshot_name") if rows else None
+        if temporary:
+            assert exported is not None
+            return point, exported
         self.context.logger.warning(
             "%s: created the replication slot at %s: changes from there on are streamed, "
-            "earlier ones are not", self._name(), point)
+            "earlier ones %s", self._name(), point,
+            "are read by the snapshot" if export else "are not")
         self._create_slot_now = False
         # Remember on the publication that natsconn made this slot: should it be
-        # dropped later, connect refuses to make a new one silently.
-        slots = _marked_slots(self._publication_comment)
-        if self.slot not in slots:
-            comment = f"{_MARKER} {' '.join([*slots, self.slot])}"
+        # dropped later, connect refuses to make a new one silently. A new slot's
+        # snapshot is not done yet, whatever an earlier slot of the name did.
+        try:
+            await self._mark(add=[self.slot], remove=[f"{_DONE}{self.slot}"],
+                             quiet=not export)
+        except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
+            raise RetryableError(f"{self._name()}: cannot note the new slot on publication "
+                                 f"{self.publication!r}: {pg_error_text(exc)}") from None
+        return (point, exported) if exported else None
+
+    async def _mark(self, add: list[str], remove: list[str], quiet: bool = True) -> None:
+        """Edit the marker tokens in the publication's comment, serialised between
+        pipelines sharing the publication by an advisory lock."""
+        assert self._pool is not None
+        try:
+            async with self._pool.acquire() as c, c.transaction():
+                await c.execute("SELECT pg_advisory_xact_lock(73536, hashtext($1))",
+                                self.publication)
+                comment = await c.fetchval(
+                    "SELECT obj_description(oid, 'pg_publication') FROM pg_publication "
+                    "WHERE pubname = $1", self.publication)
+                tokens = [t for t in _marked_slots(comment) if t not in remove]
+                tokens += [t for t in add if t not in tokens]
+                text = f"{_MARKER} {' '.join(tokens)}"
+                if text != comment:
+                    await c.execute(f"COMMENT ON PUBLICATION "
+                                    f"{quote_ident(self.publication)} IS '{text}'")
+        except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
+            if not quiet:
+                raise
+            self.context.logger.info("cannot mark publication %s: %s", self.publication,
+                                     pg_error_text(exc))
+
+    # -- the initial snapshot
+
+    async def _begin_snapshot(self, exported: tuple[str, str] | None) -> None:
+        """Import the snapshot (the new slot's, else a temporary slot's made for it)
+        into a REPEATABLE READ transaction, and list the tables to read."""
+        cfg = self.config
+        temp: ReplicationConnection | None = None
+        sql: asyncpg.Connection | None = None
+        try:
+            if exported is None:
+                # The slot exists (a restart before the snapshot was confirmed): a
+                # temporary slot exports a snapshot at a later point; streaming from
+                # the slot's confirmed LSN then repeats the changes in between, which
+                # the rows already show (see docs: the state converges).
+                async with asyncio.timeout(cfg.connect_timeout):
+                    temp = await ReplicationConnection.open(cfg, self._settings())
+                name = f"{self.slot[:48]}_snap_{secrets.token_hex(4)}"
+                exported = await self._create_slot(temp, export=True, temporary=name)
+                assert exported is not None
+            point, name = exported
+            sql = await open_connection(cfg, self.context)
+            await snap.begin(sql, name)
+            tables = await snap.published_tables(sql, self.publication)
+        except BaseException as exc:
+            if temp is not None:
+                temp.abort()
+            if sql is not None:
+                sql.terminate()
+            if isinstance(exc, asyncpg.PostgresError):
+                raise self._error(f"cannot take the snapshot: {pg_error_text(exc)}") from None
+            if isinstance(exc, OSError | EOFError | asyncio.IncompleteReadError | TimeoutError
+                          | asyncpg.InterfaceError | ProtocolError):
+                raise RetryableError(f"{self._name()}: snapshot: {pg_error_text(exc)}"
+                                     ) from None
+            raise
+        rels = [_Rel(t.relation, self._types, cfg.subject, cfg.payload_column) for t in tables]
+        self._snap = _SnapshotRead(sql, temp, snap.Progress(tables), rels, point,
+                                   _iso_now())
+        self.snapshot_rows = 0
+        self._snap_unacked = 0
+        self._snap_read = False
+        self.context.logger.info("%s: snapshot at %s of %d table(s): %s", self._name(), point,
+                                 len(tables), ", ".join(f"{t.relation.schema}."
+                                                         f"{t.relation.table}" for t in tables))
+
+    def _end_snapshot_read(self) -> None:
+        s, self._snap = self._snap, None
+        if s is None:
+            return
+        s.sql.terminate()  # a read-only transaction: nothing to commit
+        if s.temp is not None:
+            s.temp.abort()  # its temporary slot goes with the session
+
+    async def _snapshot_batch(self, max_messages: int) -> Batch | None:
+        s = self._snap
+        assert s is not None
+        progress = s.progress
+        out: list[Message] = []
+        while len(out) < max_messages and progress.index < len(progress.tables):
+            table = progress.tables[progress.index]
+            if progress.cursor is None:
+                progress.cursor = await s.sql.cursor(table.query)
+            want = max_messages - len(out)
+            rows = await progress.cursor.fetch(want)
+            rel = s.rels[progress.index]
+            for row in rows:
+                out.append(self._read_message(s, table, rel, row))
+            key = f"{rel.rel.schema}.{rel.rel.table}"
+            progress.per_table[key] = progress.per_table.get(key, 0) + len(rows)
+            if len(rows) < want:  # a short fetch: the table is read
+                progress.index += 1
+                progress.cursor = None
+        if not out:
+            return None
+        self.snapshot_rows += len(out)
+        entry = _Entry(self._gen, len(out), snapshot=True)
+        self._snap_unacked += len(out)
+        self._entries.append(entry)
+        return Batch(out, self._ack_handle(entry, out))
+
+    def _read_message(self, s: _SnapshotRead, table: snap.Table, rel: _Rel,
+                      row: Any) -> Message:
+        cols = rel.columns
+        after: dict[str, Any] = {}
+        for i in range(len(cols)):
+            text = row[i + 2]
+            name, convert = cols[i]
+            if text is None:
+                after[name] = None
+            else:
+                try:
+                    after[name] = convert(text)
+                except (ValueError, IndexError, orjson.JSONDecodeError):
+                    after[name] = text
+        if table.id_columns:
+            ident = orjson.dumps([row[i + 2] for i in table.id_columns]).decode()
+        else:
+            ident = row[1]  # ctid
+        key = None
+        if rel.key_index:
+            key = orjson.dumps({cols[i][0]: after[cols[i][0]] for i in rel.key_index})
+        data = None
+        if rel.payload_index is not None:
+            value = row[rel.payload_index + 2]
+            if value is not None:
+                data = bytes.fromhex(value[2:]) if rel.payload_bytea else value.encode()
+        if data is None:
+            doc: dict[str, Any] = {
+                "op": "read", "schema": rel.rel.schema, "table": rel.rel.table,
+                "lsn": s.point, "xid": None, "ts": s.ts[1], "before": None, "after": after}
+            if self.config.include_types:
+                doc["types"] = rel.types
+            data = orjson.dumps(doc)
+        return Message(data, rel.subjects["read"], key, timestamp=s.ts[0],
+                       id=f"snapshot:{self.slot}:{rel.rel.schema}.{rel.rel.table}:{ident}"
+                          f"@{row[0]}")
+
+    async def _finish_snapshot(self) -> None:
+        """Every row is read: close the snapshot, stream from the slot."""
+        s = self._snap
+        assert s is not None and self._conn is not None
+        self.context.logger.info("%s: snapshot read: %d row(s); streaming from the slot",
+                                 self._name(), self.snapshot_rows)
+        self._end_snapshot_read()
+        self._snap_read = True
+        self._check_snapshot_done()
+        await self._start(self._conn)
+
+    def _check_snapshot_done(self) -> None:
+        if self._snap_read and self._snap_unacked <= 0 and self._snapshot_needed:
+            self._snapshot_needed = False
+            self._tasks.append(asyncio.get_running_loop().create_task(
+                self._mark_snapshot_done()))
+
+    async def _mark_snapshot_done(self) -> None:
+        wait = 0.5
+        while True:
             try:
-                assert self._pool is not None
-                await self._pool.execute(f"COMMENT ON PUBLICATION "
-                                         f"{quote_ident(self.publication)} IS "
-                                         f"'{comment}'")
-            except (asyncpg.PostgresError, OSError) as exc:
-                self.context.logger.info("cannot mark publication %s: %s", self.publication,
-                                         pg_error_text(exc))
+                await self._mark(add=[f"{_DONE}{self.slot}"], remove=[], quiet=False)
+            except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
+                self.context.logger.warning("%s: cannot note the snapshot as done (retrying; "
+                                            "a restart before this takes it again): %s",
+                                            self._name(), pg_error_text(exc))
+                await asyncio.sleep(wait)
+                wait = min(wait * 2, 30.0)
+                continue
+            self.snapshot_done = True
+            self.context.logger.info("%s: snapshot confirmed by the sink (%d rows); noted in "
+                                     "publication %s", self._name(), self.snapshot_rows,
+                                     self.publication)
+            return
 
     async def _start(self, conn: ReplicationConnection) -> None:
         options = {"proto_version": "1", "publication_names": f'"{self.publication}"'}
@@ -450,6 +696,9 @@ class CdcSource(Source[CdcSourceConfig]):
         self._txn_xid = 0
         self._txn_pos = 0
         self._txn_ts = (0.0, "")
+        self._snap_unacked = 0
+        self._snap_read = False
+        self._end_snapshot_read()
 
     async def _reconnect(self) -> None:
         self.context.meters.disconnected()
@@ -476,6 +725,24 @@ class CdcSource(Source[CdcSourceConfig]):
                 if not isinstance(exc, RetryableError):
                     self._fatal = exc
                 raise
+        if self._snap is not None:
+            try:
+                batch = await self._snapshot_batch(max_messages)
+                if batch is not None:
+                    return batch
+                await self._finish_snapshot()
+            except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError, TimeoutError,
+                    ConnectorError) as exc:
+                if self._conn is not None:
+                    self._conn.abort()
+                    self._conn = None
+                self._end_snapshot_read()
+                if isinstance(exc, ConnectorError):
+                    if not isinstance(exc, RetryableError):
+                        self._fatal = exc
+                    raise
+                raise RetryableError(f"{self._name()}: the snapshot was interrupted, it is "
+                                     f"taken again: {pg_error_text(exc)}") from None
         conn = self._conn
         assert conn is not None
         loop = asyncio.get_running_loop()
@@ -683,6 +950,9 @@ class CdcSource(Source[CdcSourceConfig]):
         if entry.gen != self._gen:
             return  # read before a reconnect: the server sends these again
         entry.pending -= count
+        if entry.snapshot:
+            self._snap_unacked -= count
+            self._check_snapshot_done()
         entries = self._entries
         target = 0
         while entries and entries[0].pending <= 0:
@@ -753,6 +1023,7 @@ class CdcSource(Source[CdcSourceConfig]):
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        self._end_snapshot_read()
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.send_status(self.confirmed)

@@ -338,8 +338,9 @@ class ReplicationConnection:
         return out
 
     def send_status(self, lsn: int, reply: bool = False) -> None:
-        """Standby status update: written = flushed = applied = ``lsn``."""
-        if self.closed or self._writer.is_closing():
+        """Standby status update: written = flushed = applied = ``lsn``. Only while
+        streaming (before START_REPLICATION there is no copy to send it in)."""
+        if not self.streaming or self.closed or self._writer.is_closing():
             return
         clock = int((time.time() - PG_EPOCH) * 1_000_000)
         self._send(b"d", _STATUS.pack(b"r", lsn, lsn, lsn, clock, reply))
