@@ -84,26 +84,43 @@ class JetStreamSourceConfig(NatsConnectionConfig):
 
 class JetStreamAck:
     """Acks for the messages of one batch, by their reply subjects: one buffer
-    append per batch, not one publish per message."""
+    append per batch, not one publish per message.
 
-    __slots__ = ("_nc", "_replies")
+    Until it is settled the handle sits in the source's ``unsettled`` set, with
+    ``touched``: a time no later than the last delivery or ``+WPI`` of any of its
+    messages. The source's keeper sends ``+WPI`` for the handles not touched for
+    a third of ``ack_wait``, whatever the pipeline's ``in_progress_interval``."""
 
-    def __init__(self, nc: Client, replies: list[str]) -> None:
+    __slots__ = ("_nc", "_replies", "_unsettled", "touched")
+
+    def __init__(self, nc: Client, replies: list[str], unsettled: set[JetStreamAck],
+                 touched: float) -> None:
         self._nc = nc
         self._replies = replies
+        self._unsettled = unsettled
+        self.touched = touched
+        unsettled.add(self)
+
+    @property
+    def replies(self) -> list[str]:
+        return self._replies
 
     async def ack(self) -> None:
+        self._unsettled.discard(self)
         await self._nc.publish_replies(self._replies, b"+ACK")
 
     async def nack(self, delay: float | None = None) -> None:
+        self._unsettled.discard(self)
         payload = b'-NAK {"delay": %d}' % int(delay * 1e9) if delay else b"-NAK"
         await self._nc.publish_replies(self._replies, payload)
 
     async def term(self, reason: str) -> None:
+        self._unsettled.discard(self)
         text = " ".join(reason.split()).encode()[:512]
         await self._nc.publish_replies(self._replies, b"+TERM " + text)
 
     async def in_progress(self) -> None:
+        self.touched = time.monotonic()
         await self._nc.publish_replies(self._replies, b"+WPI")
 
 
@@ -144,6 +161,8 @@ class JetStreamSource(Source[JetStreamSourceConfig]):
         self._inbox = self._nc.new_inbox()
         self._buffer: PushBuffer[_Raw] = PushBuffer()
         self._age = BufferAge()
+        self._unsettled: set[JetStreamAck] = set()  # handed out, not yet settled
+        self._tick = max(cfg.ack_wait / 6, 0.05)
         self._sub: Subscription = await self._nc.subscribe_direct(self._inbox, self._on_message)
         await self._refill(1)
         await self._nc.flush()
@@ -250,6 +269,10 @@ class JetStreamSource(Source[JetStreamSourceConfig]):
         msgs = await self._buffer.take(max_messages, max_wait)
         if not msgs:
             return None
+        # The oldest of these may have been delivered (or kept alive) this long ago:
+        # what the buffer's marks say, plus the tick they may lag by.
+        now = time.monotonic()
+        touched = now - self._age.oldest_wait(now) - self._tick
         self._age.taken += len(msgs)
         await self._refill(max_messages)
         messages = []
@@ -264,14 +287,19 @@ class JetStreamSource(Source[JetStreamSourceConfig]):
             messages.append(Message(data, subject, None, headers or _NO_HEADERS, ts, ident))
             replies.append(reply)
         self.context.meters.lag(_metadata(replies[-1])[3])
-        return Batch(messages, JetStreamAck(self._nc, replies))
+        return Batch(messages, JetStreamAck(self._nc, replies, self._unsettled, touched))
 
     async def _keep_buffer_alive(self) -> None:
-        """Tell the server the prefetched messages are still in hand (``+WPI``)
-        once the oldest has waited a third of ``ack_wait``, so that a stalled sink
-        does not turn the whole prefetch window into redeliveries (see buffer_age)."""
+        """Tell the server the messages still in hand are in progress (``+WPI``)
+        once they have waited a third of ``ack_wait``, so that a stalled sink does
+        not turn them into redeliveries: the prefetched ones in the buffer (see
+        buffer_age) and the batches handed to the engine and not yet settled
+        (queued in a lane, being written or retried). The latter are the engine's
+        to keep alive too (``in_progress_interval``), but that interval is the
+        pipeline's, 5 s by default, and ``ack_wait`` may be shorter: the source
+        knows its own deadline and keeps it, checking every sixth of it."""
         ack_wait = self.config.ack_wait
-        tick = max(ack_wait / 6, 0.05)
+        tick = self._tick
         while True:
             await asyncio.sleep(tick)
             now = time.monotonic()
@@ -279,17 +307,26 @@ class JetStreamSource(Source[JetStreamSourceConfig]):
             # tick, rather than once per message in the read loop.
             self._age.pushed = self._age.taken + len(self._buffer)
             self._age.mark(now)
-            if self._age.oldest_wait(now) < ack_wait / 3:
+            replies: list[str] = []
+            buffered = self._age.oldest_wait(now) >= ack_wait / 3
+            if buffered:
+                replies = [raw[1] for raw in self._buffer.peek_all()]
+            due = [a for a in self._unsettled if now - a.touched >= ack_wait / 3]
+            for handle in due:
+                replies += handle.replies
+            if not replies:
                 continue
-            replies = [raw[1] for raw in self._buffer.peek_all()]
             try:
                 await self._nc.publish_replies(replies, b"+WPI")
             except Exception as exc:  # closed or reconnecting: the next tick tries again
-                self.context.logger.debug("in-progress for buffered messages: %s", exc)
+                self.context.logger.debug("in-progress for messages in hand: %s", exc)
                 continue
-            self._age.refreshed(now)
-            self.context.logger.debug("%d buffered message(s) kept from redelivery",
-                                      len(replies))
+            if buffered:
+                self._age.refreshed(now)
+            for handle in due:
+                handle.touched = now
+            self.context.logger.debug("%d message(s) in hand kept from redelivery "
+                                      "(%d unsettled batch(es))", len(replies), len(due))
 
     async def close(self) -> None:
         keeper = getattr(self, "_keeper", None)

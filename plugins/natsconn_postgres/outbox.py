@@ -13,7 +13,11 @@ sink confirmed it: then it is deleted (or marked sent) in a second short
 statement. No transaction stays open across the sink write, so a slow or
 failing sink holds no locks and no snapshot (vacuum goes on), and any number
 of batches may be in flight on a small pool. The engine renews the lease of
-a batch still being written (``in_progress``); ``nack(delay)`` shortens the
+a batch still being written (``in_progress``), and so does the source itself,
+every third of the lease, for every claim not yet settled (one statement for
+all of them): a stalled sink must not let a lease run out under a batch still
+queued or being written, whatever the pipeline's ``in_progress_interval``
+(this instance's next claim would take the rows again). ``nack(delay)`` shortens the
 lease to the delay. A crash leaves the lease to run out: those rows are sent
 again then, the only case in which a row is sent twice. A row rejected with
 no dead-letter target is parked with ``claimed_until = 'infinity'``.
@@ -35,6 +39,7 @@ of it is left, they are not handed out at all and come back when it runs out.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import time
@@ -174,6 +179,29 @@ class OutboxSource(Source[OutboxSourceConfig]):
             except BaseException:
                 await self._pool.close()
                 raise
+        self._keeper = asyncio.create_task(self._keep_leases(),
+                                           name="postgres-outbox-keep-leases")
+
+    async def _keep_leases(self) -> None:
+        """Every third of the lease: renew the claims that have used a third of it."""
+        lease = self.config.lease
+        every = max(lease / 3, 0.05)
+        while True:
+            await asyncio.sleep(every)
+            now = time.monotonic()
+            due = [c for c in self._claims if c.deadline - now < lease * 2 / 3]
+            if not due:
+                continue
+            try:
+                async with self._pool.acquire(timeout=self.config.connect_timeout) as conn:
+                    await conn.execute(self._lease_sql, [i for c in due for i in c.ids], lease)
+            except Exception as exc:  # the next round tries again
+                await forget_connections(self._pool, exc)
+                self.context.logger.debug("postgres outbox %s: renewing leases: %s",
+                                          self.config.table, pg_error_text(exc))
+                continue
+            for claim in due:
+                claim.deadline = now + lease
 
     async def _prepare(self, conn: asyncpg.Connection) -> None:
         cfg = self.config
@@ -402,6 +430,11 @@ class OutboxSource(Source[OutboxSourceConfig]):
         claim.deadline = time.monotonic() + lease
 
     async def close(self) -> None:
+        keeper = getattr(self, "_keeper", None)
+        if keeper is not None:
+            keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keeper
         listener = getattr(self, "_listener", None)
         if listener is not None:
             await listener.close()

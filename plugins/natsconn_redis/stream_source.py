@@ -16,7 +16,11 @@ replica dies:
   often an entry was delivered, which ``max_deliveries`` needs;
 * ``nack`` sets the entries' idle time so that they become claimable after the
   nack's delay (XCLAIM ... IDLE); ``in_progress`` resets it (XCLAIM ... JUSTID,
-  which does not count as a delivery) so that a long write is not taken over.
+  which does not count as a delivery) so that a long write is not taken over;
+* the source itself does the same every third of ``min_idle_time`` for every
+  entry it holds and has not settled (handed to the engine, or read and not yet
+  handed out), so a stalled sink never leaves one idle long enough for another
+  replica to claim it, whatever the pipeline's ``in_progress_interval``.
 
 An entry already delivered ``max_deliveries`` times is not delivered again: it
 is copied to ``dead_letter_stream`` with headers saying why and acknowledged,
@@ -28,6 +32,7 @@ the write never ends).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import re
 import time
@@ -159,6 +164,28 @@ class RedisStreamSource(Source[RedisStreamSourceConfig]):
         except BaseException:
             await self._link.close()
             raise
+        self._keeper = asyncio.create_task(self._keep_held_alive(),
+                                           name="redis-stream-keep-alive")
+
+    async def _keep_held_alive(self) -> None:
+        """Every third of ``min_idle_time``: reset the idle time of every entry held
+        and not settled (XCLAIM ... JUSTID to this consumer), so that no other
+        consumer's scan finds it idle while its batch is still being written."""
+        every = max(self.config.min_idle_time / 3, 0.05)
+        while True:
+            await asyncio.sleep(every)
+            ids: _Ids = {}
+            for stream, entry_id in self._in_flight:
+                ids.setdefault(stream, []).append(entry_id)
+            for stream, entry_id, _ in self._ready:
+                ids.setdefault(stream, []).append(entry_id)
+            if not ids:
+                continue
+            try:
+                await self._set_idle(ids, 0)
+            except Exception as exc:  # the next round tries again
+                self.context.logger.debug("redis: keeping %d held entries: %s",
+                                          sum(map(len, ids.values())), exc)
 
     async def _ensure_group(self, stream: str) -> None:
         cfg = self.config
@@ -431,6 +458,11 @@ class RedisStreamSource(Source[RedisStreamSourceConfig]):
             raise read_error(self._link, exc, "XCLAIM") from None
 
     async def close(self) -> None:
+        keeper = getattr(self, "_keeper", None)
+        if keeper is not None:
+            keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keeper
         link = getattr(self, "_link", None)
         if link is None:
             return
