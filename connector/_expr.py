@@ -109,9 +109,12 @@ class Bindings:
         self._data = value
 
     def value(self, name: str) -> Any:
+        """The variable as the CEL runtime takes it. Bytes go in as a bytearray:
+        cel-expr-python reads a ``bytes`` value only up to its first NUL."""
         m = self.message
         if name == "data":
-            return self.data
+            data = self.data
+            return bytearray(data) if isinstance(data, bytes) else data
         if name == "subject":
             return m.subject or ""
         if name == "tokens":
@@ -119,7 +122,7 @@ class Bindings:
         if name == "headers":
             return dict(m.headers)
         if name == "key":
-            return m.key or b""
+            return bytearray(m.key) if m.key else bytearray()
         if name == "id":
             return m.id or ""
         if name == "timestamp":
@@ -264,6 +267,8 @@ def _uses(source: str, name: str) -> bool:
 
 def _plain(value: Any) -> Any:
     """CEL's bytes come back as bytearray; the SDK speaks bytes."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
     if isinstance(value, bytearray):
         return bytes(value)
     if isinstance(value, dict):
