@@ -11,6 +11,15 @@ not be reading (a stalled connection): the publishes are still queued in the
 client. Publishing again would pile a copy of the batch into the client's
 buffer at every retry round, so after such a timeout the next write first
 asks for a PONG, and publishes only once the connection moves again.
+
+Nor does it publish again what the timed-out attempt already published on that
+connection: the batch's PubAck record stays open, so the PubAcks that come once
+the server reads again are still counted, and the retry of those messages
+(the same :class:`Message` objects, as the engine retries them) takes their
+PubAcks instead of publishing a second copy, which a stream without
+``Nats-Msg-Id`` dedupe would store twice. Only the messages whose PubAck does
+not come within ``ack_timeout`` of the connection moving, or whose connection
+was lost, are published again (at least once).
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import weakref
 from collections.abc import Sequence
 
 from nats.aio.subscription import Subscription
@@ -63,15 +73,30 @@ class JetStreamSinkConfig(NatsConnectionConfig):
 
 
 class _InFlight:
-    __slots__ = ("done", "errors", "lost", "remaining", "seen", "subjects")
+    __slots__ = ("batch_id", "done", "errors", "holders", "lost", "remaining", "seen",
+                 "subjects")
 
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, batch_id: str) -> None:
+        self.batch_id = batch_id
         self.subjects: list[str] = []  # as published, by index, for error messages
         self.remaining = n
         self.seen = bytearray(n)
         self.errors: dict[int, RetryableError | RejectedError] = {}
         self.done = asyncio.get_running_loop().create_future()
         self.lost = False  # the connection dropped before every PubAck came
+        self.holders = 0  # _Held entries still waiting on this record
+
+
+class _Held:
+    """A message published by a write that timed out on a connection still up: its
+    PubAck may still come, into ``state`` at ``index``."""
+
+    __slots__ = ("index", "ref", "state")
+
+    def __init__(self, ref: weakref.ref[Message], state: _InFlight, index: int) -> None:
+        self.ref = ref
+        self.state = state
+        self.index = index
 
 
 class JetStreamSink(Sink[JetStreamSinkConfig]):
@@ -83,6 +108,7 @@ class JetStreamSink(Sink[JetStreamSinkConfig]):
         cfg = self.config
         self._template = AddressTemplate(cfg.subject)
         self._batches: dict[str, _InFlight] = {}
+        self._held: dict[int, _Held] = {}  # by id(Message): see the module docstring
         # PubAcks timed out on the current connection: see the module docstring.
         self._unanswered = False
         self._nc: Client = await open_connection(cfg, self.context,
@@ -132,6 +158,9 @@ class JetStreamSink(Sink[JetStreamSinkConfig]):
             state.lost = True
             if not state.done.done():
                 state.done.set_result(None)
+        self._held.clear()  # what the lost connection held may be gone: publish again
+        for batch_id in [b for b, st in self._batches.items() if st.holders]:
+            del self._batches[batch_id]
 
     async def _wait_until_moving(self) -> None:
         """After PubAcks timed out: publish nothing until a PONG shows the server
@@ -154,8 +183,9 @@ class JetStreamSink(Sink[JetStreamSinkConfig]):
                 raise
             except Exception as exc:
                 raise nats_error(exc) from exc
+        settled = await self._take_held(messages) if self._held else None
         batch_id = str(next(self._ids))
-        state = _InFlight(len(messages))
+        state = _InFlight(len(messages), batch_id)
         self._batches[batch_id] = state
         prefix = f"{self._inbox}.{batch_id}."
         render = self._template.render
@@ -164,9 +194,19 @@ class JetStreamSink(Sink[JetStreamSinkConfig]):
         max_payload = nc.max_payload
         subjects = state.subjects
         commands: list[bytes] = []
+        errors: dict[int, RetryableError | RejectedError] = {}
         nbytes = 0
         try:
             for i, m in enumerate(messages):
+                if settled is not None and i in settled:
+                    # acknowledged (or refused) for an earlier attempt: not again
+                    error = settled[i]
+                    if error is not None:
+                        state.errors[i] = error
+                    subjects.append("")
+                    state.seen[i] = 1
+                    state.remaining -= 1
+                    continue
                 subject = ""
                 try:
                     subject = render(m)
@@ -205,21 +245,76 @@ class JetStreamSink(Sink[JetStreamSinkConfig]):
                 elif missing:
                     self._unanswered = True
                 if missing:
-                    for i in range(len(messages)):
+                    # Not into state.errors: a PubAck may still come into that record.
+                    unanswered = RetryableError(missing)
+                    for i, m in enumerate(messages):
                         if not state.seen[i]:
-                            state.errors[i] = RetryableError(missing)
+                            errors[i] = unanswered
+                            if not state.lost:
+                                self._hold(m, state, i)
         except ConnectorError:
             raise
         except Exception as exc:
             raise nats_error(exc) from exc
         finally:
-            del self._batches[batch_id]
-        if state.errors:
-            if len(state.errors) == len(messages) and all(
-                isinstance(e, RetryableError) for e in state.errors.values()
+            if not state.holders:
+                self._batches.pop(batch_id, None)
+        errors.update(state.errors)
+        if errors:
+            if len(errors) == len(messages) and all(
+                isinstance(e, RetryableError) for e in errors.values()
             ):
-                raise next(iter(state.errors.values()))
-            raise PartialWriteError(state.errors)
+                raise next(iter(errors.values()))
+            raise PartialWriteError(errors)
+
+    def _hold(self, message: Message, state: _InFlight, index: int) -> None:
+        key = id(message)
+        held = self._held
+
+        def forget(ref: weakref.ref[Message]) -> None:  # the engine let go of it
+            entry = held.get(key)
+            if entry is not None and entry.ref is ref:
+                del held[key]
+                self._release(entry.state)
+
+        old = held.get(key)
+        if old is not None:
+            self._release(old.state)
+        held[key] = _Held(weakref.ref(message, forget), state, index)
+        state.holders += 1
+
+    def _release(self, state: _InFlight) -> None:
+        state.holders -= 1
+        if state.holders <= 0:
+            self._batches.pop(state.batch_id, None)
+
+    async def _take_held(self, messages: Sequence[Message]
+                         ) -> dict[int, RetryableError | RejectedError | None] | None:
+        """For the messages an earlier, timed-out attempt published on this
+        connection: wait (``ack_timeout`` at most) for their PubAcks, and say which
+        need no new publish (None: stored; an error: refused) by index."""
+        held = self._held
+        mine: list[tuple[int, _Held]] = []
+        for i, m in enumerate(messages):
+            entry = held.get(id(m))
+            if entry is not None and entry.ref() is m:
+                mine.append((i, entry))
+        if not mine:
+            return None
+        waits = {e.state.done for _, e in mine if not e.state.seen[e.index]}
+        if waits:
+            await asyncio.wait(waits, timeout=self.config.ack_timeout)
+        out: dict[int, RetryableError | RejectedError | None] = {}
+        for i, entry in mine:
+            state, index = entry.state, entry.index
+            if state.lost or not state.seen[index]:
+                continue  # published again below; its hold stays until then
+            del held[id(messages[i])]
+            self._release(state)
+            error = state.errors.get(index)
+            if not isinstance(error, RetryableError):
+                out[i] = error
+        return out
 
     async def close(self) -> None:
         nc = getattr(self, "_nc", None)

@@ -105,7 +105,8 @@ async def test_nack_delay_is_honoured(
 async def test_in_progress_holds_off_a_takeover(
         r: aioredis.Redis, redis_address: tuple[str, int], unique: str) -> None:
     """A long write keeps its entries: another replica claims them only once the
-    in-progress signals stop and min_idle_time passes."""
+    replica holding them is gone (its in-progress signals, and the source's own
+    keep-alive of unsettled entries, stop) and min_idle_time passes."""
     stream = f"it:{unique}:slow"
     await fill_stream(r, stream, 3)
     options = {"min_idle_time": 1.0, "claim_interval": 0.2}
@@ -121,7 +122,10 @@ async def test_in_progress_holds_off_a_takeover(
                 await batch.ack.in_progress()
             stolen += await collect(other, 3, 0.3)
         assert stolen == [], "entries taken over while in-progress signals kept coming"
-        taken = await collect(other, 3, 10)  # no more signals: taken over
+        stolen += await collect(other, 3, 3.0)  # the source alone keeps them too
+        assert stolen == [], "entries taken over while the replica holding them lives"
+        await slow.close()
+        taken = await collect(other, 3, 10)  # gone: taken over
     finally:
         await slow.close()
         await other.close()
