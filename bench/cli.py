@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from .model import parse_workers
 from .registry import BROKEN, ENDPOINTS, PAIRS, Pair, load_all, parse_pair
 from .runner import REPO, BenchError, Harness, Options
 from .sizing import BYTE_BUDGET, DEFAULT_SIZES, QUICK_BYTE_BUDGET, parse_sizes
@@ -29,6 +30,8 @@ EPILOG = """examples:
   python -m bench run --quick              # small counts, one run: a smoke test
   python -m bench run --pairs jetstream:nats,generate:drop --sizes 128,1024,65536
   python -m bench run --pairs processing --sizes 128,256   # transforms beside no transforms
+  python -m bench run --pairs jetstream:kafka --workers 1,2,4   # natsconn run --workers N
+  python -m bench run --pairs nats:kafka --workers 1,2 --go-bridge-terms
   python -m bench latency --quick          # p50/p99/p99.9 at 10/50/80% of the max rate
   python -m bench stall --quick            # RSS and in-flight while the sink is stalled
   python -m bench list                     # pairs and raw legs known to the harness
@@ -62,6 +65,18 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-warmup", action="store_true", help="skip the warm-up run")
     run.add_argument("--pipeline-only", action="store_true",
                      help="skip the raw legs (for comparing natsconn changes; no ratios)")
+    run.add_argument("--workers", help="comma-separated worker counts, e.g. 1,2,4: each "
+                     "pipeline runs as `natsconn run --workers N` for every N (the raw legs "
+                     "once); CPU is the parent's plus every worker's. Default: `natsconn "
+                     "run` without the flag")
+    run.add_argument("--go-bridge-terms", action="store_true",
+                     help="live-fed pairs (nats:kafka): also report the Go-bridge comparison's "
+                     "figures: msg/s from the first publish to the last arrival, messages "
+                     "lost (published - distinct arrivals, read back from the sink), CPU per "
+                     "message of natsconn's process tree")
+    run.add_argument("--pace", type=float, default=0.0, help="live feeds (core NATS) publish "
+                     "at this many msg/s, batch by batch (default 0: full speed, a batch then "
+                     "a flush)")
     run.add_argument("--batch", type=int, default=1000, help="batch size (default 1000)")
     run.add_argument("--max-in-flight", type=int, default=4, help="concurrent batches "
                      "(default 4)")
@@ -239,6 +254,7 @@ def _run(args: argparse.Namespace) -> int:
     pairs = _select(args.pairs)
     try:
         sizes = parse_sizes(args.sizes)
+        workers = parse_workers(args.workers) if args.workers else None
     except ValueError as exc:
         raise BenchError(str(exc)) from None
     if not args.no_start:
@@ -250,7 +266,8 @@ def _run(args: argparse.Namespace) -> int:
         prefetch_bytes=args.prefetch_bytes,
         storage=args.storage,
         loop=_loop(args.loop), noise=args.noise, env=_service_env(),
-        raw_legs=not args.pipeline_only,
+        raw_legs=not args.pipeline_only, workers=workers,
+        bridge_terms=args.go_bridge_terms, pace=args.pace,
     )
     if args.quick:
         opts.max_extra = 0

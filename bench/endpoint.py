@@ -92,6 +92,12 @@ class Endpoint(ABC):
         """How many messages the far side holds now (sink role). Polled every few ms."""
         raise NotImplementedError(f"{self.name} cannot count deliveries")
 
+    async def arrivals(self, place: Place, prefix: int) -> dict[str, Any] | None:
+        """Sink role, after a run (not timed): ``{"records", "distinct"}`` read back
+        from the place, distinct by the payloads' first ``prefix`` bytes (payload
+        "seq"); None where the harness cannot read them back."""
+        return None
+
     def source_block(self, place: Place, params: Params) -> dict[str, Any]:
         raise NotImplementedError(f"{self.name} has no source plugin")
 
@@ -167,7 +173,7 @@ class Stopwatch:
         seconds = time.perf_counter() - self.t0
         cpu = time.process_time() - self.cpu0
         return Sample(messages, seconds, cpu, peak_rss(), delivered, os.getloadavg()[0],
-                      notes=notes or [])
+                      notes=notes or [], started=self.t0)
 
 
 def peak_rss() -> int:

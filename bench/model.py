@@ -27,7 +27,10 @@ class Params:
     prefetch_bytes: int = 16 * 2**20  # ... within about this many payload bytes (plugin default)
     ids: bool = False  # messages carry a source id (JetStream sink then sets Nats-Msg-Id)
     storage: str = "file"  # JetStream stream storage
-    payload: str = "random"  # "json": JSON order records (natsconn_dev.orders), else random bytes
+    payload: str = "random"  # "json": JSON order records (natsconn_dev.orders), "seq": random
+    # bytes behind a 12-digit sequence number (distinct arrivals countable), else random bytes
+    workers: int = 0  # the pipeline runs as `natsconn run --workers N`; 0: without the flag
+    pace: float = 0.0  # a live feed's rate in msg/s (whole batches on schedule); 0: full speed
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -50,6 +53,11 @@ class Sample:
     other_cores: float = 0.0  # CPU used by processes outside the measurement, in cores
     server_cores: float = 0.0  # CPU the server(s) used per second of the window
     notes: list[str] = field(default_factory=list)
+    started: float | None = None  # time.perf_counter() at the window's start (system-wide
+    # CLOCK_MONOTONIC on Linux: comparable between processes)
+    parts: dict[str, float] = field(default_factory=dict)  # CPU s in the window per member
+    # of natsconn's process tree: "parent", "w0", "w1"... (--workers)
+    bridge: dict[str, Any] | None = None  # the Go-bridge comparison's terms (bridge_terms())
 
     @property
     def rate(self) -> float:
@@ -188,3 +196,52 @@ def compare(with_: list[Sample], without: list[Sample]) -> Comparison | None:
     return Comparison(statistics.median(costs), min(costs), max(costs),
                       statistics.median(cpus), statistics.median(ratios), min(ratios),
                       max(ratios), len(pairs))
+
+
+def parts_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """CPU seconds each tree member used between two readings; a member that was
+    not there at the first reading (a worker started or restarted meanwhile)
+    counts from zero; a member gone by the second one is left out (its CPU is in
+    the parent's reaped-children figure)."""
+    return {k: max(0.0, v - before.get(k, 0.0)) for k, v in after.items()}
+
+
+def bridge_terms(published: int, arrived: int, distinct: int | None, first_publish: float,
+                 last_arrival: float, cpu: float) -> dict[str, Any]:
+    """The quantities of the Go-bridge comparison: msg/s from the first publish to
+    the last arrival (distinct arrivals over that time), messages lost (published
+    minus arrived distinct), duplicates (records beyond the distinct ones) and the
+    bridge process tree's CPU per arrived message over the same time. ``distinct``
+    None: the sink cannot tell duplicates apart; every arrival counts as distinct."""
+    got = arrived if distinct is None else distinct
+    seconds = last_arrival - first_publish
+    return {
+        "published": published, "arrived": arrived, "distinct": got,
+        "lost": max(0, published - got), "duplicates": max(0, arrived - got),
+        "seconds": seconds, "rate": got / seconds if seconds > 0 else 0.0,
+        "cpu_seconds": cpu, "cpu_per_message": cpu / got if got else 0.0,
+        "distinct_checked": distinct is not None,
+    }
+
+
+def ceiling(cpu_per_message: float, cores: int) -> float:
+    """msg/s that ``cores`` dedicated cores sustain at this CPU per message, if the
+    work spreads over them evenly and nothing else (servers, a raw leg) is on them."""
+    return cores / cpu_per_message if cpu_per_message > 0 else 0.0
+
+
+def parse_workers(text: str) -> list[int]:
+    """``"1,2,4"`` → ``[1, 2, 4]``: the ``natsconn run --workers`` counts to measure
+    (each from 1 to 256, in the order given, each once)."""
+    out: list[int] = []
+    for part in text.split(","):
+        token = part.strip()
+        if not token:
+            continue
+        if not token.isdigit() or not 1 <= int(token) <= 256:
+            raise ValueError(f"not a worker count (1 to 256): {token!r}")
+        if int(token) not in out:
+            out.append(int(token))
+    if not out:
+        raise ValueError("no worker counts given")
+    return out

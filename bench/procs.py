@@ -17,6 +17,7 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -72,6 +73,113 @@ def _cpu_or_none(pid: int, children: bool = False) -> float | None:
         return proc_cpu(pid, children)
     except (OSError, ValueError, IndexError):
         return None
+
+
+def children_of(pid: int) -> list[int]:
+    """Live children of ``pid`` (``/proc/<pid>/task/<tid>/children``, every thread)."""
+    out: list[int] = []
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out += [int(x) for x in f.read().split()]
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def descendants(root: int, children: Callable[[int], list[int]]) -> list[int]:
+    """``root`` and every process below it, parents before children (each once,
+    even if ``children`` reports a pid twice)."""
+    seen = {root}
+    order = [root]
+    i = 0
+    while i < len(order):
+        for kid in children(order[i]):
+            if kid not in seen:
+                seen.add(kid)
+                order.append(kid)
+        i += 1
+    return order
+
+
+def env_value(environ: bytes, key: str) -> str | None:
+    """One variable of a ``/proc/<pid>/environ`` (NUL-separated ``KEY=value``)."""
+    prefix = key.encode() + b"="
+    for item in environ.split(b"\0"):
+        if item.startswith(prefix):
+            return item[len(prefix):].decode(errors="replace")
+    return None
+
+
+def tree_total(cpu: dict[str, float]) -> float:
+    """CPU of a process tree from each live member's own + reaped children's CPU
+    (``proc_cpu(pid, children=True)``): a worker that exited and was reaped is in
+    its parent's ``cutime``, a live one only in its own figure, so none counts twice."""
+    return sum(cpu.values())
+
+
+WORKER_ENV = "NATSCONN_WORKER_INDEX"  # set by `natsconn run --workers N` in each worker
+
+
+class ProcTree:
+    """CPU, per member and in total, of a process and its descendants (``natsconn
+    run --workers N``: the parent and its workers). The tree is rescanned at most
+    every ``rescan`` seconds; the total is held at its highest, so a worker that
+    dies between two readings (its CPU moving to the parent's ``cutime`` only
+    once reaped) cannot make it go backwards."""
+
+    def __init__(self, root: int, rescan: float = 0.25) -> None:
+        self.root = root
+        self.rescan = rescan
+        self._pids: list[int] = [root]
+        self._labels: dict[int, str] = {root: "parent"}
+        self._scanned = 0.0
+        self._best = 0.0
+        self.last_parts: dict[str, float] = {}
+
+    def _scan(self) -> None:
+        self._pids = descendants(self.root, children_of)
+        for pid in self._pids:
+            if pid in self._labels:
+                continue
+            try:
+                with open(f"/proc/{pid}/environ", "rb") as f:
+                    index = env_value(f.read(), WORKER_ENV)
+            except OSError:
+                index = None
+            self._labels[pid] = f"w{index}" if index is not None else f"pid {pid}"
+        self._scanned = time.monotonic()
+
+    def parts(self) -> dict[str, float]:
+        """CPU seconds of each live member by label (``parent``, ``w0``, ``w1``…); a
+        worker restarted under the same index adds to its label."""
+        if time.monotonic() - self._scanned >= self.rescan:
+            self._scan()
+        out: dict[str, float] = {}
+        for pid in self._pids:
+            cpu = _cpu_or_none(pid, children=True)
+            if cpu is not None:
+                label = self._labels.get(pid, f"pid {pid}")
+                out[label] = out.get(label, 0.0) + cpu
+        return out
+
+    def cpu(self) -> float:
+        """Total CPU seconds of the tree; :attr:`last_parts` holds the reading's parts."""
+        self.last_parts = self.parts()
+        self._best = max(self._best, tree_total(self.last_parts))
+        return self._best
+
+    def hwm(self) -> int:
+        """Sum of the live members' peak resident sets."""
+        total = 0
+        for pid in self._pids:
+            with contextlib.suppress(OSError):
+                total += proc_hwm(pid)
+        return total
 
 
 class ServerCpu:
@@ -157,7 +265,7 @@ class Child:
     """A subprocess whose stdout we read by lines and which we reap with wait4."""
 
     def __init__(self, argv: list[str], env: dict[str, str] | None = None,
-                 cwd: str | None = None) -> None:
+                 cwd: str | None = None, tree: bool = False) -> None:
         self.argv = argv
         # stderr to a file: a chatty child must never block on a full pipe
         self._stderr_file = tempfile.TemporaryFile()  # noqa: SIM115 (lives with the child)
@@ -171,6 +279,9 @@ class Child:
         self.returncode: int | None = None
         self.stderr = b""
         self._cpu_seen = 0.0
+        # tree: CPU and RSS of the child and its descendants (natsconn run --workers N)
+        self.tree = ProcTree(self.pid) if tree else None
+        self._parts_seen: dict[str, float] = {}
 
     async def readline(self, timeout: float) -> str | None:
         """The next stdout line, or None at end of file."""
@@ -180,12 +291,25 @@ class Child:
 
     def cpu(self) -> float:
         """Live CPU seconds (the last reading once the process is gone)."""
+        if self.tree is not None:
+            if self.returncode is None:
+                self._cpu_seen = max(self._cpu_seen, self.tree.cpu())
+            return self._cpu_seen
         cpu = _cpu_or_none(self.pid) if self.returncode is None else None
         if cpu is not None:
             self._cpu_seen = cpu
         return self._cpu_seen
 
+    def parts(self) -> dict[str, float]:
+        """CPU seconds by member of the tree (``parent``, ``w0``…) at the last
+        :meth:`cpu` reading; ``{}`` without ``tree``."""
+        if self.tree is not None and self.returncode is None:
+            self._parts_seen = dict(self.tree.last_parts)
+        return dict(self._parts_seen)
+
     def hwm(self) -> int:
+        if self.tree is not None:
+            return self.tree.hwm()
         try:
             return proc_hwm(self.pid)
         except OSError:

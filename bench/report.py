@@ -6,13 +6,14 @@ import importlib.metadata
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from .model import Params, Sample, Stats
+from .model import Params, Sample, Stats, ceiling
 from .registry import ENDPOINTS, PAIRS
 from .runner import REPO, Measured, Options, PairResult
 
@@ -96,6 +97,117 @@ def _cost(seconds: float) -> str:
     return f"{seconds * 1e6:+.2f}"
 
 
+def _name(r: PairResult) -> str:
+    return r.pair.name + (f" (--workers {r.params.workers})" if r.params.workers else "")
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else 0.0
+
+
+def worker_cores(samples: list[Sample]) -> dict[str, float]:
+    """Per member of natsconn's process tree (parent, w0, w1…): its CPU over the
+    window in cores, the median over the runs."""
+    names = sorted({k for s in samples for k in s.parts}, key=_member_order)
+    return {k: _median([s.parts.get(k, 0.0) / s.seconds for s in samples if s.seconds > 0])
+            for k in names}
+
+
+def _member_order(name: str) -> tuple[int, int, str]:
+    if name == "parent":
+        return (0, 0, name)
+    if name.startswith("w") and name[1:].isdigit():
+        return (1, int(name[1:]), name)
+    return (2, 0, name)
+
+
+def scaling(results: list[PairResult]) -> list[str]:
+    """`--workers N`: each pipeline's rate and CPU per message by worker count, the
+    CPU of each process, and what those figures imply for dedicated cores."""
+    rows = [r for r in results if r.params.workers and not r.pair.variant]
+    if not rows:
+        return []
+    out = ["## Scaling (`natsconn run --workers N`)", "",
+           "| pipeline | size | workers | msg/s (range) | ratio | CPU µs/msg (tree) | "
+           "CPU use: total / parent / per worker (cores) | server cores | implied 4 cores | "
+           "implied 8 cores | delivered |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r.error is not None:
+            out.append(f"| {r.pair.name} | {r.size} B | {r.params.workers} | failed: "
+                       f"{r.error} | - | - | - | - | - | - | - |")
+            continue
+        s = r.pipeline.stats
+        cores = worker_cores(s.samples)
+        workers = " + ".join(f"{cores[k]:.2f}" for k in cores if k != "parent") or "-"
+        per = f"{s.cores:.2f} / {cores.get('parent', 0.0):.2f} / {workers}"
+        ratio = f"{r.ratio:.2f}" if r.ratio is not None else "-"
+        cpu = s.cpu_per_message
+        delivered = s.delivered_min
+        got = "-" if delivered is None else (
+            "all" if delivered >= r.params.count else f"{delivered:,} (min)")
+        out.append(f"| {r.pair.name} | {r.size} B | {r.params.workers} | {_range(r.pipeline)} | "
+                   f"{ratio} | {_us(cpu)} | {per} | {s.server_cores:.2f} | "
+                   f"{_rate(ceiling(cpu, 4))} | {_rate(ceiling(cpu, 8))} | {got} |")
+    out += ["", "CPU µs/msg: user+sys of natsconn's whole process tree (the parent and "
+            "every worker, /proc/<pid>/stat of each) over the timed window, per message. "
+            "CPU use: the same in cores (CPU seconds per second of the window), for the "
+            "tree, the parent, and each worker. Implied K cores: K / (CPU per message): the "
+            "rate K dedicated cores would sustain at this row's CPU per message if the work "
+            "spread evenly over them and the servers ran elsewhere (on this machine the "
+            "servers, the feeder and natsconn share the cores; the servers' CPU is in the "
+            "server column).", ""]
+    return out
+
+
+def bridge_rows(r: PairResult) -> dict[str, Any] | None:
+    """The Go-bridge comparison's figures of one result: medians over its runs."""
+    terms = [s.bridge for s in r.pipeline.stats.samples if s.bridge]
+    if not terms:
+        return None
+    return {
+        "rate": _median([t["rate"] for t in terms]),
+        "rate_min": min(t["rate"] for t in terms),
+        "rate_max": max(t["rate"] for t in terms),
+        "cpu_per_message": _median([t["cpu_per_message"] for t in terms]),
+        "published": min(t["published"] for t in terms),
+        "lost": max(t["lost"] for t in terms),
+        "duplicates": max(t["duplicates"] for t in terms),
+        "checked": all(t["distinct_checked"] for t in terms),
+        "publisher": terms[0]["publisher"],
+        "publisher_rate": _median([t["publisher_rate"] for t in terms]),
+        "per_partition": terms[0].get("per_partition"),
+        "runs": len(terms),
+    }
+
+
+def go_bridge(results: list[PairResult]) -> list[str]:
+    """`--go-bridge-terms`: the figures the comparison with the Go nats-kafka bridge uses."""
+    rows = [(r, b) for r in results if r.error is None and (b := bridge_rows(r)) is not None]
+    if not rows:
+        return []
+    out = ["## In the Go bridge's terms", "",
+           "| pipeline | size | workers | msg/s first publish → last arrival (range) | "
+           "published | lost | duplicates | CPU µs/msg (tree) | publisher | records per "
+           "partition (run 1) |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for r, b in rows:
+        parts = ", ".join(f"{n:,}" for n in b["per_partition"]) if b["per_partition"] else "-"
+        lost = f"{b['lost']:,}" + ("" if b["checked"] else " (records counted, not read back)")
+        out.append(f"| {r.pair.name} | {r.size} B | {r.params.workers or '-'} | "
+                   f"{_rate(b['rate'])} ({_rate(b['rate_min'])}-{_rate(b['rate_max'])}) | "
+                   f"{b['published']:,} (min) | {lost} (max) | {b['duplicates']:,} (max) | "
+                   f"{_us(b['cpu_per_message'])} | {b['publisher']}, "
+                   f"{_rate(b['publisher_rate'])} msg/s | {parts} |")
+    out += ["", "msg/s: distinct messages that arrived, over the time from the publisher's "
+            "first publish (its clock, CLOCK_MONOTONIC) to the poll that saw the last one "
+            "arrive; lost: published minus distinct arrivals, read back from the topic "
+            "after the run by their sequence numbers; CPU: natsconn's process tree (parent "
+            "and workers) from just before the first publish to the last arrival, per "
+            "distinct message. Medians of the runs (lost and duplicates: the worst run).", ""]
+    return out
+
+
 def processing(results: list[PairResult]) -> list[str]:
     """The variants' table: each pipeline with transforms beside itself without."""
     rows = [r for r in results if r.pair.variant]
@@ -153,7 +265,7 @@ def markdown(results: list[PairResult], cond: dict[str, Any]) -> str:
         if r.pair.variant:  # in the Processing table
             continue
         if r.error is not None:
-            out.append(f"| {r.pair.name} | {r.size} B | {r.params.count:,} | failed: "
+            out.append(f"| {_name(r)} | {r.size} B | {r.params.count:,} | failed: "
                        f"{r.error} | - | - | - | - | - | - | - | - |")
             continue
         if r.pair.engine_only:
@@ -175,7 +287,7 @@ def markdown(results: list[PairResult], cond: dict[str, Any]) -> str:
         got = "-" if delivered is None else (
             "all" if delivered >= r.params.count else f"{delivered:,} (min)")
         target = f">= {r.pair.target_ratio}: {_mark(r.holds)}" if bc or bp else "-"
-        out.append(f"| {r.pair.name} | {r.size} B | {r.params.count:,} | {_range(p)} | "
+        out.append(f"| {_name(r)} | {r.size} B | {r.params.count:,} | {_range(p)} | "
                    f"{consume} | {produce} | {ratio} | {target} | {cpu} | "
                    f"{p.stats.cores:.2f} / {p.stats.server_cores:.2f} | "
                    f"{p.stats.peak_rss / 2**20:.0f} MiB | {got} |")
@@ -186,6 +298,8 @@ def markdown(results: list[PairResult], cond: dict[str, Any]) -> str:
             "window (1.00 = one core busy throughout: CPU-bound), and nats-server's over the "
             "same window.", ""]
     out += processing(results)
+    out += scaling(results)
+    out += go_bridge(results)
     legs = [m for r in results for m in (*r.consume, *r.produce)]
     seen: set[str] = set()
     if legs:

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from .endpoint import Endpoint
-from .model import Comparison, Params, Place, Sample, Stats, compare
+from .model import Comparison, Params, Place, Sample, Stats, bridge_terms, compare, parts_delta
 from .procs import Child, CpuMeter, ServerCpu
 from .profile import Recorder
 from .registry import ENDPOINTS, Pair
@@ -42,6 +42,7 @@ REPO = Path(__file__).resolve().parent.parent
 POLL = 0.01  # far-side poll interval, seconds
 STALL = 10.0  # a durable-source pipeline with no progress for this long has failed
 FEED_IDLE = 3.0  # a live-fed pipeline is over this long after the last arrival
+SEQ_PREFIX = 12  # payload "seq": the digits of the sequence number (bench/legs/nats.py)
 
 
 Feed = Coroutine[Any, Any, tuple[Sample, float]]  # a feeder run: its sample and CPU
@@ -70,6 +71,9 @@ class Options:
     max_extra: int = 3  # reruns allowed per measurement to replace noisy runs
     quiet_wait: float = 120.0  # longest wait for the machine to quieten before a run
     raw_legs: bool = True  # False: pipelines only (comparing natsconn versions)
+    workers: list[int] | None = None  # each pipeline once per `natsconn run --workers N`
+    bridge_terms: bool = False  # live-fed pairs: the Go-bridge comparison's figures too
+    pace: float = 0.0  # live feeds' rate, msg/s (0: full speed)
     env: dict[str, str] = field(default_factory=dict)
 
 
@@ -236,7 +240,7 @@ class Harness:
                              f"{pair.min_size} B")
                     continue
                 try:
-                    results.append(await self.run_pair(pair, size))
+                    results += await self.run_pair(pair, size)
                 except BenchError as exc:  # one pair failing does not end the run
                     self.say(f"{pair.name} {size}B | failed: {exc}")
                     params = self.params(pair, size)
@@ -255,36 +259,59 @@ class Harness:
         else:
             count = scaled_count(pair.count, size, BYTE_BUDGET, MIN_COUNT)
         src = ENDPOINTS[pair.source]
+        payload = pair.payload
+        if o.bridge_terms and not src.durable and payload == "random":
+            payload = "seq"  # numbered payloads: the far side's distinct arrivals count
         return Params(size=size, count=count, batch=o.batch, max_wait=o.max_wait,
                       max_in_flight=o.max_in_flight,
                       prefetch=o.prefetch, prefetch_bytes=o.prefetch_bytes,
-                      ids=src.gives_ids, storage=o.storage, payload=pair.payload)
+                      ids=src.gives_ids, storage=o.storage, payload=payload,
+                      pace=o.pace if not src.durable else 0.0)
 
-    async def run_pair(self, pair: Pair, size: int) -> PairResult:
+    async def run_pair(self, pair: Pair, size: int) -> list[PairResult]:
+        """The pair at one size: its raw legs once, then the pipeline (once per
+        ``--workers`` count), one result per pipeline measured."""
         params = self.params(pair, size)
         src, dst = self.endpoints[pair.source], self.endpoints[pair.sink]
         label = f"{pair.name} {size}B"
         if pair.variant:
-            return await self.run_variant(pair, size, params)
+            return [await self.run_variant(pair, size, params)]
         if pair.engine_only:
             stats = await self.measure(f"{label} | engine", params.count,
                                        lambda p: self.engine_once(pair, src, dst, p), params)
-            return PairResult(pair, size, params,
-                              Measured("engine", pair.name, "natsconn engine", params, stats))
+            return [PairResult(pair, size, params,
+                               Measured("engine", pair.name, "natsconn engine", params,
+                                        stats))]
         consume = []
         produce = []
         for technique in src.consume_legs if self.opts.raw_legs else ():
             consume.append(await self.raw(label, src, "consume", technique,
                                           replace(params, ids=False)))
         # The sink's raw leg carries ids when the pipeline's sink would write them.
-        produce_params = replace(params, ids=params.ids and dst.uses_ids)
+        produce_params = replace(params, ids=params.ids and dst.uses_ids, pace=0.0)
         for technique in dst.produce_legs if self.opts.raw_legs else ():
             produce.append(await self.raw(label, dst, "produce", technique, produce_params))
-        stats = await self.measure(f"{label} | pipeline natsconn run", params.count,
-                                   lambda p: self.pipeline_once(pair, src, dst, p), params)
-        return PairResult(pair, size, params,
-                          Measured("pipeline", pair.name, "natsconn run", params, stats),
-                          consume, produce)
+        results = []
+        for workers in self.opts.workers or [0]:
+            run_params = replace(params, workers=workers)
+            what = f"natsconn run --workers {workers}" if workers else "natsconn run"
+            try:
+                stats = await self.measure(
+                    f"{label} | pipeline {what}", params.count,
+                    lambda p: self.pipeline_once(pair, src, dst, p), run_params)
+            except BenchError as exc:  # one worker count failing does not end the pair
+                if not workers:
+                    raise
+                self.say(f"{label} | {what} | failed: {exc}")
+                results.append(PairResult(
+                    pair, size, run_params,
+                    Measured("pipeline", pair.name, what, run_params, Stats([])),
+                    consume, produce, error=str(exc).splitlines()[0] or "failed"))
+                continue
+            results.append(PairResult(pair, size, run_params,
+                                      Measured("pipeline", pair.name, what, run_params, stats),
+                                      consume, produce))
+        return results
 
     async def run_variant(self, pair: Pair, size: int, params: Params) -> PairResult:
         """A pipeline with transforms and the same without them, measured in turns
@@ -569,6 +596,7 @@ class Harness:
             recorder = (Recorder(child.pid, self.profile_to, self.profile_rate)
                         if self.profile_to else None)
             feed: asyncio.Task[tuple[Sample, float]] | None = None
+            cpu_before_feed = child.cpu()  # subscribed and idle: the bridge's CPU clock
             if not src.durable:
                 feed = asyncio.create_task(self._produce(src, src_place, feed_params))
             try:
@@ -586,7 +614,13 @@ class Harness:
             await child.reap()
             fed = await feed if feed is not None else None
             if fed is not None:
-                sample.notes.append(f"fed at {fed[0].rate:,.0f} msg/s")
+                sample.notes.append(f"fed at {fed[0].rate:,.0f} msg/s"
+                                    + (" (paced)" if params.pace > 0 else ""))
+                if self.opts.bridge_terms:
+                    sample.bridge = await self._bridge_terms(
+                        sample, fed[0], dst, dst_place, params, cpu_before_feed)
+            if fed is None or not self.opts.bridge_terms:
+                sample.bridge = None
             sample.other_cores = self.meter.other_cores(
                 child.cpu_total + (fed[1] if fed else 0.0))
             if child.returncode not in (0, None):
@@ -601,6 +635,31 @@ class Harness:
             await src.destroy(src_place)
             await dst.destroy(dst_place)
 
+    async def _bridge_terms(self, sample: Sample, fed: Sample, dst: Endpoint,
+                            place: Place, params: Params, cpu_before: float
+                            ) -> dict[str, Any] | None:
+        """The Go-bridge comparison's figures: first publish (the feeder's clock) to
+        the last arrival (the far side's poll), the distinct arrivals read back
+        from the sink (numbered payloads), and the bridge tree's CPU meanwhile."""
+        end = sample.bridge or {}
+        if fed.started is None or "last_arrival" not in end:
+            return None
+        back = None
+        if params.payload == "seq":
+            try:
+                back = await dst.arrivals(place, SEQ_PREFIX)
+            except Exception as exc:  # the figures stand without the read-back
+                sample.notes.append(f"could not read the sink back: {exc}")
+        arrived = int(back["records"]) if back else int(sample.delivered or 0)
+        terms = bridge_terms(fed.messages, arrived, int(back["distinct"]) if back else None,
+                             fed.started, end["last_arrival"], end["cpu_last"] - cpu_before)
+        terms["publisher"] = (f"paced at {params.pace:,.0f} msg/s" if params.pace > 0 else
+                              "full speed (a batch, then flush)")
+        terms["publisher_rate"] = fed.rate
+        if back and "per_partition" in back:
+            terms["per_partition"] = back["per_partition"]
+        return terms
+
     async def start_natsconn(self, pair: Pair, source: dict[str, Any], sink: dict[str, Any],
                              params: Params, tag: str) -> tuple[Child, int]:
         """``natsconn run`` on a pipeline file for these plugin blocks, once /readyz
@@ -609,8 +668,9 @@ class Harness:
         config = self.pipeline_config(pair, source, sink, params, http=f"127.0.0.1:{port}")
         path = self._tmp / f"{tag}.yaml"
         path.write_text(json.dumps(config, indent=1))
-        child = Child([sys.executable, "-m", "connector.cli", "run", str(path)],
-                      env=self._child_env(), cwd=str(REPO))
+        workers = ["--workers", str(params.workers)] if params.workers else []
+        child = Child([sys.executable, "-m", "connector.cli", "run", str(path), *workers],
+                      env=self._child_env(), cwd=str(REPO), tree=bool(params.workers))
         try:
             await self._wait_ready(child, port)
         except BaseException:
@@ -644,9 +704,10 @@ class Harness:
         messages to the poll that sees the last one. When they all arrive between
         two polls (a small count, a sink writing in large batches), it runs from the
         poll before instead, and says so."""
-        first: tuple[float, int, float, float] | None = None
-        last: tuple[float, int, float, float] | None = None
-        before: tuple[float, int, float, float] | None = None  # the last empty poll
+        Point = tuple[float, int, float, float, dict[str, float]]
+        first: Point | None = None
+        last: Point | None = None
+        before: Point | None = None  # the last empty poll
         seen = 0
         changed = time.perf_counter()
         notes: list[str] = []
@@ -655,11 +716,11 @@ class Harness:
             now, cpu = time.perf_counter(), child.cpu()
             if count > seen:
                 seen, changed = count, now
-                last = (now, count, cpu, self.meter.server_cpu())
+                last = (now, count, cpu, self.meter.server_cpu(), child.parts())
                 if first is None:
                     first = last
             elif first is None:
-                before = (now, count, cpu, self.meter.server_cpu())
+                before = (now, count, cpu, self.meter.server_cpu(), child.parts())
             if count >= n:
                 break
             if not child.alive():
@@ -689,7 +750,9 @@ class Harness:
             notes.append("window shorter than half the messages; raise the count")
         seconds = last[0] - first[0]
         return Sample(messages, seconds, last[2] - first[2], 0, seen, os.getloadavg()[0],
-                      server_cores=(last[3] - first[3]) / seconds, notes=notes)
+                      server_cores=(last[3] - first[3]) / seconds, notes=notes,
+                      started=first[0], parts=parts_delta(first[4], last[4]),
+                      bridge={"last_arrival": last[0], "cpu_last": last[2]})
 
 
 def _round_noise(samples: list[Sample]) -> float:

@@ -177,8 +177,44 @@ class Kafka(Endpoint):
                 "topics": [place["topic"]], "group_id": place["group"]}
 
     def sink_block(self, place: Place, params: Params) -> dict[str, Any]:
+        # acks=all is the sink's default; said here, as the Go-bridge comparison states it
         return {"type": "kafka", "bootstrap_servers": [self.bootstrap],
-                "topic": place["topic"]}
+                "topic": place["topic"], "acks": "all"}
+
+    async def arrivals(self, place: Place, prefix: int) -> dict[str, Any]:
+        """After a run (not timed): read the whole topic back and count its records,
+        the distinct ones by their first ``prefix`` bytes (payload "seq": the
+        sequence number) and the records per partition."""
+        topic = place["topic"]
+        reader = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, client_id="bench-reader",
+                                  enable_auto_commit=False, fetch_max_bytes=FETCH_MAX_BYTES,
+                                  max_partition_fetch_bytes=MAX_PARTITION_FETCH_BYTES)
+        await reader.start()
+        try:
+            tps = [TopicPartition(topic, p) for p in range(place["partitions"])]
+            reader.assign(tps)
+            await reader.seek_to_beginning(*tps)
+            ends = await reader.end_offsets(tps)
+            seen: set[bytes] = set()
+            per_partition = dict.fromkeys(range(place["partitions"]), 0)
+            records = idle = 0
+            async def behind() -> bool:
+                return any([await reader.position(tp) < ends[tp] for tp in tps])
+
+            while idle < 10 and await behind():
+                batches = await reader.getmany(timeout_ms=1000, max_records=10_000)
+                if not batches:
+                    idle += 1
+                    continue
+                idle = 0
+                for tp, recs in batches.items():
+                    per_partition[tp.partition] += len(recs)
+                    records += len(recs)
+                    seen.update((r.value or b"")[:prefix] for r in recs)
+            return {"records": records, "distinct": len(seen),
+                    "per_partition": [per_partition[p] for p in sorted(per_partition)]}
+        finally:
+            await reader.stop()
 
     def describe(self) -> dict[str, str]:
         return {"aiokafka": importlib.metadata.version("aiokafka"),

@@ -43,6 +43,7 @@ DEFAULT_MONITOR = "http://127.0.0.1:8222"
 CORE_PENDING_MSGS = 512 * 1024
 CORE_PENDING_BYTES = 128 * 1024 * 1024
 IDLE_END = 3.0  # a live-fed consumer stops this long after the last message
+SEQ_DIGITS = 12  # payload "seq": each payload starts with its number, 12 ASCII digits
 
 
 async def connect(env: dict[str, str], name: str, trusted_subjects: bool = True) -> NATS:
@@ -127,13 +128,19 @@ class CoreNats(_NatsBase):
 
     def __init__(self, env: dict[str, str]) -> None:
         super().__init__(env)
-        self._cids: dict[str, int] = {}
+        self._cids: dict[str, list[int]] = {}
 
     async def create(self, tag: str, params: Params, role: str) -> Place:
-        return {"subject": f"bench.{tag}.core", "conn_name": f"bench-{tag}-{role}"}
+        # --workers N: N sink connections under the same name, each counted
+        return {"subject": f"bench.{tag}.core", "conn_name": f"bench-{tag}-{role}",
+                "conns": max(1, params.workers)}
 
     def source_block(self, place: Place, params: Params) -> dict[str, Any]:
-        return {"type": "nats", "servers": [self.url], "subjects": [place["subject"]]}
+        block: dict[str, Any] = {"type": "nats", "servers": [self.url],
+                                 "subjects": [place["subject"]]}
+        if params.workers:  # workers share a core NATS subject only in a queue group
+            block["queue_group"] = f"{place['conn_name']}-q"
+        return block
 
     def sink_block(self, place: Place, params: Params) -> dict[str, Any]:
         return {"type": "nats", "servers": [self.url], "subject": place["subject"],
@@ -142,17 +149,19 @@ class CoreNats(_NatsBase):
     async def delivered(self, place: Place) -> int:
         """Messages the server received from natsconn's sink connection (/connz
         in_msgs): with core NATS, the server having it is the far side."""
-        name = place["conn_name"]
-        cid = self._cids.get(name)
-        if cid is None:
+        name, wanted = place["conn_name"], place.get("conns", 1)
+        cids = self._cids.get(name)
+        if cids is None or len(cids) < wanted:
             conns = await asyncio.to_thread(self._connz, "limit=100000")
-            for c in conns:
-                if c.get("name") == name:
-                    self._cids[name] = cid = int(c["cid"])
-                    return int(c.get("in_msgs", 0))
-            return 0
-        conns = await asyncio.to_thread(self._connz, f"cid={cid}")
-        return int(conns[0].get("in_msgs", 0)) if conns else 0
+            mine = [c for c in conns if c.get("name") == name]
+            if mine:
+                self._cids[name] = [int(c["cid"]) for c in mine]
+            return sum(int(c.get("in_msgs", 0)) for c in mine)
+        total = 0
+        for cid in cids:
+            conns = await asyncio.to_thread(self._connz, f"cid={cid}")
+            total += int(conns[0].get("in_msgs", 0)) if conns else 0
+        return total
 
     def _connz(self, query: str) -> list[dict[str, Any]]:
         with urllib.request.urlopen(f"{self.monitor}/connz?{query}", timeout=5) as resp:
@@ -165,6 +174,8 @@ class CoreNats(_NatsBase):
         nc = await connect(self.env, "bench-core-produce")
         subject, data = place["subject"], payloads(params)
         publish, n, batch = nc.publish, params.count, params.batch
+        seq_tail = data[SEQ_DIGITS:] if isinstance(data, bytes) else b""
+        numbered = params.payload == "seq"
         watch = Stopwatch()
         sent = 0
         while sent < n:
@@ -172,12 +183,20 @@ class CoreNats(_NatsBase):
             if isinstance(data, list):
                 for seq in range(sent, sent + k):
                     await publish(subject, data[seq])
+            elif numbered:
+                for seq in range(sent, sent + k):
+                    await publish(subject, b"%012d" % seq + seq_tail)
             else:
                 for _ in range(k):
                     await publish(subject, data)
             await nc.flush(timeout=30)
             sent += k
-        sample = watch.sample(sent)
+            if params.pace > 0:  # paced: the next batch when its time comes
+                wait = watch.t0 + sent / params.pace - time.perf_counter()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+        sample = watch.sample(sent, notes=[f"paced at {params.pace:,.0f} msg/s"]
+                              if params.pace > 0 else [])
         await nc.close()
         return sample
 
