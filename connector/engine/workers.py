@@ -341,24 +341,19 @@ def _free_port() -> int:
 
 def pool_server(address: str, pool: WorkerPool) -> Any:
     """The ops listener of the parent: the same paths as a single process's."""
-    from prometheus_client import CONTENT_TYPE_LATEST
-
     from ..ops.admin import Response
     from ..ops.http import OpsServer
 
     class PoolOpsServer(OpsServer):
-        async def _route(self, method: str, path: str, headers: dict[str, str], query: str,
-                         body: bytes) -> Response:
-            if path in ("/healthz", "/readyz", "/metrics"):
-                if method not in ("GET", "HEAD"):
-                    return Response(405, "text/plain", b"method not allowed\n")
-                if path == "/healthz":
-                    return Response(200, "text/plain", b"ok\n")
-                if path == "/metrics":
-                    return Response(200, CONTENT_TYPE_LATEST, pool.metrics())
-                ok, workers = await pool.ready()
-                doc = json.dumps({"ready": ok, "workers": workers}).encode() + b"\n"
-                return Response(200 if ok else 503, "application/json", doc)
+        async def _readiness(self) -> tuple[bool, dict[str, Any]]:
+            ok, workers = await pool.ready()
+            return ok, {"workers": workers}
+
+        def _metrics(self) -> bytes:
+            return pool.metrics()
+
+        async def _rest(self, method: str, path: str, headers: dict[str, str], query: str,
+                        body: bytes) -> Response:
             if path == "/openapi.json" or path.startswith(("/pipelines", "/reload")):
                 status, payload, ctype = await pool.forward(method, path, headers)
                 return Response(status, ctype, payload)

@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 from collections.abc import Callable
+from typing import Any
 from urllib.parse import parse_qs
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -90,6 +91,14 @@ class OpsServer:
         writer.write(head.encode() + (r.body if method != "HEAD" else b""))
         await writer.drain()
 
+    async def _readiness(self) -> tuple[bool, dict[str, Any]]:
+        """Ready or not, and the body's details (a subclass asks its workers)."""
+        ok, states = self._ready()
+        return ok, {"pipelines": states}
+
+    def _metrics(self) -> bytes:
+        return generate_latest(REGISTRY)
+
     async def _route(self, method: str, path: str, headers: dict[str, str], query: str,
                      body: bytes) -> Response:
         if path in ("/healthz", "/readyz", "/metrics"):
@@ -98,10 +107,15 @@ class OpsServer:
             if path == "/healthz":
                 return Response(200, "text/plain", b"ok\n")
             if path == "/readyz":
-                ok, states = self._ready()
-                doc = json.dumps({"ready": ok, "pipelines": states}).encode() + b"\n"
+                ok, details = await self._readiness()
+                doc = json.dumps({"ready": ok, **details}).encode() + b"\n"
                 return Response(200 if ok else 503, "application/json", doc)
-            return Response(200, CONTENT_TYPE_LATEST, generate_latest(REGISTRY))
+            return Response(200, CONTENT_TYPE_LATEST, self._metrics())
+        return await self._rest(method, path, headers, query, body)
+
+    async def _rest(self, method: str, path: str, headers: dict[str, str], query: str,
+                    body: bytes) -> Response:
+        """Everything but the three probe paths: the admin API and the page."""
         if self._admin is not None:
             form = _form(headers, body)
             from_page = form is not None and "token" in form
