@@ -25,7 +25,8 @@ from connector.registry import Registry
 
 REGISTRY = Registry()
 EXAMPLES = sorted(Path(__file__).resolve().parents[2].glob("examples/*.yaml"))
-FILE = "fuzz.yaml"
+# Beside the examples, so that paths relative to the file (schemas/order.avsc) resolve.
+FILE = str(Path(__file__).resolve().parents[2] / "examples" / "fuzz.yaml")
 ENV = {"SET": "value", "NUM": "42", "EMPTY": ""}
 
 SETTINGS = settings(max_examples=200, deadline=None, derandomize=False,
