@@ -284,7 +284,7 @@ async def test_kit_fails_a_source_whose_ack_does_nothing(
     # The JetStream source keeps batches it handed out alive (+WPI) until they are
     # settled, so the ignored acks show when a second instance gets them all again.
     with pytest.raises(AssertionError,
-                       match="redelivered within redelivery_wait|unexpected or duplicated 20"):
+                       match=r"redelivered within redelivery_wait|unexpected or duplicated 20"):
         await SourceSuite().test_ack_prevents_redelivery(
             make, jetstream_producer(nc, stream, unique))
 
