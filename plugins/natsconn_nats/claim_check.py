@@ -36,7 +36,6 @@ from pydantic import Field, field_validator
 
 from connector import (
     ByteSize,
-    ConnectorError,
     Duration,
     Message,
     Rejected,
@@ -50,10 +49,9 @@ from .kv_source import check_bucket
 from .object_store import (
     ObjectBucketConfig,
     ObjectName,
-    chunk_size,
+    connect_bucket,
     digest_of,
     get_object,
-    open_bucket,
     put_object,
     run_by_name,
 )
@@ -93,18 +91,8 @@ class ClaimCheckPut(Transform[ClaimCheckPutConfig]):
     Config = ClaimCheckPutConfig
 
     async def connect(self) -> None:
-        cfg = self.config
-        self._names = ObjectName(cfg.name)
-        self._nc: Client = await open_connection(cfg, self.context)
-        try:
-            self._store = await open_bucket(self._nc, cfg, self.context)
-        except ConnectorError:
-            await self._nc.close()
-            raise
-        except Exception as exc:
-            await self._nc.close()
-            raise RetryableError(f"object store bucket {cfg.bucket!r}: {exc}") from None
-        self._chunk = chunk_size(cfg, self._nc)
+        self._names = ObjectName(self.config.name)
+        self._nc, self._store, self._chunk = await connect_bucket(self.config, self.context)
 
     async def process(self, messages: list[Message]) -> Sequence[Message | Rejected]:
         cfg = self.config

@@ -124,6 +124,22 @@ def chunk_size(cfg: ObjectBucketConfig, nc: Client) -> int:
     return max(1024, min(cfg.chunk_size, nc.max_payload - 4096))
 
 
+async def connect_bucket(cfg: ObjectBucketConfig, context: PluginContext
+                         ) -> tuple[Client, ObjectStore, int]:
+    """A connection, the bucket and the chunk size: what the sink and claim_check_put
+    open. The connection is closed again if the bucket cannot be had."""
+    nc: Client = await open_connection(cfg, context)
+    try:
+        store = await open_bucket(nc, cfg, context)
+    except ConnectorError:
+        await nc.close()
+        raise
+    except Exception as exc:
+        await nc.close()
+        raise RetryableError(f"object store bucket {cfg.bucket!r}: {exc}") from None
+    return nc, store, chunk_size(cfg, nc)
+
+
 async def put_object(store: ObjectStore, name: str, data: bytes, chunk: int,
                      headers: Mapping[str, str] | None, timeout: float) -> None:
     """One object, chunked by nats-py; errors as the engine's kinds."""
@@ -192,18 +208,8 @@ class ObjectSink(Sink[ObjectBucketConfig]):
     Config = ObjectBucketConfig
 
     async def connect(self) -> None:
-        cfg = self.config
-        self._names = ObjectName(cfg.name)
-        self._nc: Client = await open_connection(cfg, self.context)
-        try:
-            self._store = await open_bucket(self._nc, cfg, self.context)
-        except ConnectorError:
-            await self._nc.close()
-            raise
-        except Exception as exc:
-            await self._nc.close()
-            raise RetryableError(f"object store bucket {cfg.bucket!r}: {exc}") from None
-        self._chunk = chunk_size(cfg, self._nc)
+        self._names = ObjectName(self.config.name)
+        self._nc, self._store, self._chunk = await connect_bucket(self.config, self.context)
 
     async def write_batch(self, messages: Sequence[Message]) -> None:
         cfg = self.config

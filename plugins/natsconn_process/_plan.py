@@ -17,10 +17,18 @@ the one that failed (the error path only).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from connector import Bindings, Expression, ExpressionError, ExpressionFailed, Message
+from connector import (
+    Bindings,
+    Expression,
+    ExpressionError,
+    ExpressionFailed,
+    Message,
+    Rejected,
+    RejectedError,
+)
 
 _BY_SUBJECT = frozenset({"subject", "tokens"})
 
@@ -117,3 +125,17 @@ class Plan:
             except ExpressionFailed as exc:
                 return PlanFailed(f"{self._names[i]}: {exc}{hint(self._exprs[i], bindings)}")
         return PlanFailed(str(error))  # pragma: no cover - every part alone succeeded
+
+
+def each(messages: list[Message], apply: Callable[[Message], Message], name: str
+         ) -> list[Message | Rejected]:
+    """``apply`` to every message; one that raises RejectedError is rejected with
+    the reason, prefixed with the transform's ``name``."""
+    out: list[Message | Rejected] = []
+    append = out.append
+    for message in messages:
+        try:
+            append(apply(message))
+        except RejectedError as exc:
+            append(Rejected(message, f"{name}: {exc}"))
+    return out

@@ -19,7 +19,7 @@ from connector import Bindings, Message, PluginConfig, Rejected, RejectedError, 
 
 from . import _json
 from ._fields import StringExpr
-from ._plan import Plan
+from ._plan import Plan, each
 
 
 class HeadersConfig(PluginConfig):
@@ -58,15 +58,7 @@ class Headers(Transform[HeadersConfig]):
         self._plan = Plan([(f"set.{n}", e) for n, e in c.set_.items()])
 
     def process(self, messages: list[Message]) -> Sequence[Message | Rejected]:
-        out: list[Message | Rejected] = []
-        append = out.append
-        apply = self._apply
-        for message in messages:
-            try:
-                append(apply(message))
-            except RejectedError as exc:
-                append(Rejected(message, f"headers: {exc}"))
-        return out
+        return each(messages, self._apply, "headers")
 
     def _apply(self, m: Message) -> Message:
         values = self._plan.values(Bindings(m)) if self._names else ()

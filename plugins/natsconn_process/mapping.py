@@ -32,7 +32,7 @@ from connector import (
 
 from . import _json
 from ._fields import FieldPath, KeyExpr, StringExpr, split_path
-from ._plan import Plan
+from ._plan import Plan, each
 
 
 class MappingConfig(PluginConfig):
@@ -120,15 +120,7 @@ class Mapping(Transform[MappingConfig]):
         return self._plan.calls
 
     def process(self, messages: list[Message]) -> Sequence[Message | Rejected]:
-        out: list[Message | Rejected] = []
-        append = out.append
-        apply = self._apply
-        for message in messages:
-            try:
-                append(apply(message))
-            except RejectedError as exc:
-                append(Rejected(message, f"mapping: {exc}"))
-        return out
+        return each(messages, self._apply, "mapping")
 
     def _apply(self, m: Message) -> Message:
         bindings = Bindings(m)
