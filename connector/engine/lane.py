@@ -58,7 +58,6 @@ class SinkLane:
         self._log = log
         self._queue: deque[SinkBatch] = deque()
         self._busy = 0  # writes holding a slot
-        self._freed = asyncio.Event()
         self.tracer = tracer
 
     # ------------------------------------------------------------ taking work
@@ -100,7 +99,6 @@ class SinkLane:
         def finished(t: asyncio.Task[None]) -> None:
             self.tasks.discard(t)
             self._busy -= 1
-            self._freed.set()
             if not t.cancelled() and not isinstance(t.exception(), Stopped | None):
                 self._log.error("write task failed", exc_info=t.exception())
             if self._queue and not self._shutdown.stopping.is_set():

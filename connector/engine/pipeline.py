@@ -24,24 +24,14 @@ from ..ops import tracing
 from ..ops.metrics import PipelineMetrics, PluginMeters
 from .backoff import Backoff
 from .chain import TransformChain
-from .deadletter import (
-    H_ATTEMPTS,
-    H_ERROR,
-    H_ERROR_KIND,
-    H_PIPELINE,
-    H_SINK,
-    H_SOURCE_ID,
-    H_SUBJECT,
-    DeadLetter,
-)
+from .deadletter import DeadLetter
 from .lane import SinkLane, reject
 from .routing import Router
 from .shutdown import Shutdown, Stopped
 from .tracker import Tracker
 from .window import Window
 
-__all__ = ["H_ATTEMPTS", "H_ERROR", "H_ERROR_KIND", "H_PIPELINE", "H_SINK", "H_SOURCE_ID",
-           "H_SUBJECT", "ConnectFailed", "Pipeline", "PipelineState"]
+__all__ = ["ConnectFailed", "Pipeline", "PipelineState"]
 
 
 class PipelineState(enum.Enum):
