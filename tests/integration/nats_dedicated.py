@@ -67,6 +67,15 @@ async def dedicated_nats_server(directory: Path, max_payload: str = "1MB",
                                 timeout: float = 20.0) -> AsyncIterator[str]:
     """Yield the ``nats://`` URL of a fresh nats-server with JetStream."""
     port, conf, log_path = _prepare(directory, max_payload)
+    async with nats_server_from(conf, port, log_path, "dedicated", timeout) as url:
+        yield url
+
+
+@contextlib.asynccontextmanager
+async def nats_server_from(conf: Path, port: int, log_path: Path, what: str,
+                           timeout: float = 20.0) -> AsyncIterator[str]:
+    """Run nats-server with ``conf`` (listening on ``port``) until the block ends;
+    yield its ``nats://`` URL once it accepts connections."""
     with log_path.open("wb") as log:
         proc = await asyncio.create_subprocess_exec(
             nats_server_binary(), "-c", str(conf), stdin=asyncio.subprocess.DEVNULL,
@@ -76,8 +85,8 @@ async def dedicated_nats_server(directory: Path, max_payload: str = "1MB",
         while not _accepts(port):
             if proc.returncode is not None or time.monotonic() > deadline:
                 raise AssertionError(
-                    f"dedicated nats-server did not start (exit {proc.returncode}); log:\n"
-                    + log_path.read_text(errors="replace")[-2000:])
+                    f"{what} nats-server did not start (exit {proc.returncode}); log:\n"
+                    + log_path.read_text(errors="replace")[-2000:])  # noqa: ASYNC240
             await asyncio.sleep(0.05)
         yield f"nats://127.0.0.1:{port}"
     finally:

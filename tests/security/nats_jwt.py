@@ -17,7 +17,6 @@ learns the accounts from ``resolver_preload`` (``resolver: MEMORY``).
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 import hashlib
@@ -30,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import nkeys
-from integration.nats_dedicated import _accepts, _free_port, nats_server_binary
+from integration.nats_dedicated import _free_port, nats_server_from
 
 _HEADER = {"typ": "JWT", "alg": "ed25519-nkey"}
 _UNLIMITED = -1
@@ -165,24 +164,5 @@ async def operator_mode_server(op: Operator, timeout: float = 20.0) -> AsyncIter
     conf = op.directory / "nats-jwt.conf"
     conf.write_text(op.server_config(port, op.directory / "jetstream"), encoding="utf-8")
     log_path = op.directory / "nats-jwt.log"
-    with log_path.open("wb") as log:
-        proc = await asyncio.create_subprocess_exec(
-            nats_server_binary(), "-c", str(conf), stdin=asyncio.subprocess.DEVNULL,
-            stdout=log, stderr=log)
-    try:
-        deadline = time.monotonic() + timeout
-        while not _accepts(port):
-            if proc.returncode is not None or time.monotonic() > deadline:
-                raise AssertionError(
-                    f"operator-mode nats-server did not start (exit {proc.returncode}); "
-                    "log:\n" + log_path.read_text(errors="replace")[-2000:])
-            await asyncio.sleep(0.05)
-        yield f"nats://127.0.0.1:{port}"
-    finally:
-        if proc.returncode is None:
-            proc.terminate()
-            try:
-                await asyncio.wait_for(proc.wait(), 10)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
+    async with nats_server_from(conf, port, log_path, "operator-mode", timeout) as url:
+        yield url
