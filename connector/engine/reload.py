@@ -148,7 +148,10 @@ async def watch(reloader: Reloader) -> None:
     target = Path(reloader.path)
     last = _digest(target)
     folder = await asyncio.to_thread(lambda: target.parent.resolve())
-    async for _changes in awatch(folder, debounce=300, recursive=False):
+    # yield_on_timeout: also look every second, so that a change made before the
+    # watch was in place (or an event the kernel dropped) is not missed.
+    async for _changes in awatch(folder, debounce=300, recursive=False,
+                                 rust_timeout=1000, yield_on_timeout=True):
         now = _digest(target)
         if now != last:
             last = now
