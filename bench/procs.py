@@ -151,7 +151,11 @@ class ProcTree:
                     index = env_value(f.read(), WORKER_ENV)
             except OSError:
                 index = None
-            self._labels[pid] = f"w{index}" if index is not None else f"pid {pid}"
+            # Only a worker label is kept: a child caught between fork and exec
+            # still shows its parent's environment, so "no index" is read again
+            # at the next scan instead of labelling a worker ``pid N`` for good.
+            if index is not None:
+                self._labels[pid] = f"w{index}"
         self._scanned = time.monotonic()
 
     def parts(self) -> dict[str, float]:

@@ -81,6 +81,34 @@ def test_proc_tree_sums_the_parent_and_its_workers_by_label() -> None:
         proc.wait()
 
 
+LATE_EXEC = ("import os, sys, time\n"
+             "pid = os.fork()\n"
+             "if pid == 0:\n"
+             "    time.sleep(1.0)\n"  # between fork and exec: still the parent's environ
+             "    os.execve(sys.executable, [sys.executable, '-c', 'import time; time.sleep(30)'],"
+             " {**os.environ, 'NATSCONN_WORKER_INDEX': '0'})\n"
+             "print('up', flush=True)\n"
+             "time.sleep(30)\n")
+
+
+def test_proc_tree_labels_a_worker_seen_before_its_exec_once_it_has_execd() -> None:
+    proc = subprocess.Popen([sys.executable, "-c", LATE_EXEC], stdout=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == b"up"
+        tree = ProcTree(proc.pid, rescan=0.0)
+        early = tree.parts()
+        assert "w0" not in early and len(early) == 2  # the child is there, not yet a worker
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and "w0" not in tree.parts():
+            time.sleep(0.05)
+        assert set(tree.parts()) == {"parent", "w0"}
+    finally:
+        os.killpg(proc.pid, 9)
+        proc.wait()
+
+
 # ------------------------------------------------------------ the Go bridge
 
 
