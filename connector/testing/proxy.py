@@ -8,7 +8,11 @@ real server. A test then breaks the path on demand:
   client's reconnect succeeds) unless ``refuse(True)`` was called.
 * ``stall()`` keeps the connections open but stops forwarding bytes (a hung
   server, a black-holed route); ``resume()`` forwards again, nothing lost.
-* ``delay`` (seconds, settable at any time) holds back every chunk.
+* ``delay`` (seconds, settable at any time) holds back every chunk: the chunks
+  of a connection wait one after another, so it also paces the flow.
+* ``latency`` and ``jitter`` (seconds, settable at any time) delay each chunk
+  by ``latency`` ± up to ``jitter``, pipelined as a slow link would: chunks in
+  flight overlap, and their order is kept (a later chunk never overtakes).
 
 ``record_up``, set to a ``bytearray``, collects every byte forwarded to the
 server, in the order the server gets it (for tests of what a client sends).
@@ -20,9 +24,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
+from collections import deque
 from types import TracebackType
 
 _CHUNK = 64 * 1024
+_IN_FLIGHT = 256  # chunks held under ``latency`` before reading waits
 
 
 class _Link:
@@ -66,6 +73,8 @@ class TcpProxy:
         self.listen_host = listen_host
         self.listen_port = listen_port
         self.delay = delay
+        self.latency = 0.0
+        self.jitter = 0.0
         self.accepted = 0  # connections accepted and forwarded, over the proxy's life
         self.refused = 0  # connections closed at once because of refuse()
         self.bytes_up = 0  # client -> server
@@ -209,22 +218,95 @@ class TcpProxy:
     async def _pump(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, up: bool
     ) -> None:
-        with contextlib.suppress(ConnectionError, OSError):
-            while True:
-                data = await reader.read(_CHUNK)
-                if not data:
-                    return
-                await self._flowing.wait()
-                if self.delay > 0:
-                    await asyncio.sleep(self.delay)
+        line = _Line(self, writer, up)
+        try:
+            with contextlib.suppress(ConnectionError, OSError):
+                while True:
+                    data = await reader.read(_CHUNK)
+                    if not data:
+                        break
                     await self._flowing.wait()
-                if writer.transport.is_closing():
-                    return
-                writer.write(data)
-                if up:
-                    self.bytes_up += len(data)
-                    if self.record_up is not None:
-                        self.record_up += data
-                else:
-                    self.bytes_down += len(data)
-                await writer.drain()
+                    if self.delay > 0:
+                        await asyncio.sleep(self.delay)
+                        await self._flowing.wait()
+                    if writer.transport.is_closing():
+                        break
+                    if line.busy or self.latency > 0 or self.jitter > 0:
+                        await line.later(data)
+                    else:
+                        await line.write(data)
+            await line.drained()  # what is in flight still arrives, then the link goes
+        finally:
+            line.cancel()  # a cut (the link's tasks cancelled) drops what was in flight
+
+    def _forwarded(self, data: bytes, up: bool) -> None:
+        if up:
+            self.bytes_up += len(data)
+            if self.record_up is not None:
+                self.record_up += data
+        else:
+            self.bytes_down += len(data)
+
+
+class _Line:
+    """One direction of a link, with its chunks in flight under ``latency``."""
+
+    __slots__ = ("last_due", "proxy", "queue", "room", "task", "up", "writer")
+
+    def __init__(self, proxy: TcpProxy, writer: asyncio.StreamWriter, up: bool) -> None:
+        self.proxy = proxy
+        self.writer = writer
+        self.up = up
+        self.queue: deque[tuple[float, bytes]] = deque()
+        self.last_due = 0.0
+        self.task: asyncio.Task[None] | None = None
+        self.room = asyncio.Event()
+        self.room.set()
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.queue)
+
+    async def write(self, data: bytes) -> None:
+        self.writer.write(data)
+        self.proxy._forwarded(data, self.up)
+        await self.writer.drain()
+
+    async def later(self, data: bytes) -> None:
+        loop = asyncio.get_running_loop()
+        p = self.proxy
+        due = loop.time() + p.latency + (random.uniform(-p.jitter, p.jitter) if p.jitter else 0)
+        self.last_due = max(due, self.last_due)  # order kept: never before the one ahead
+        self.queue.append((self.last_due, data))
+        if self.task is None or self.task.done():
+            self.task = asyncio.create_task(self._deliver())
+        if len(self.queue) >= _IN_FLIGHT:  # back-pressure, as a full link would
+            self.room.clear()
+            await self.room.wait()
+
+    async def _deliver(self) -> None:
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(ConnectionError, OSError):
+            while self.queue:
+                due, data = self.queue[0]
+                wait = due - loop.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                await self.proxy._flowing.wait()
+                if self.writer.transport.is_closing():
+                    break
+                await self.write(data)
+                self.queue.popleft()
+                if len(self.queue) < _IN_FLIGHT:
+                    self.room.set()
+        self.queue.clear()
+        self.room.set()
+
+    async def drained(self) -> None:
+        task = self.task
+        if task is not None:
+            await task
+
+    def cancel(self) -> None:
+        if self.task is not None:
+            self.task.cancel()

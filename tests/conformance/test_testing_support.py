@@ -128,6 +128,46 @@ async def test_delay_holds_each_chunk(echo: tuple[str, int], tcp_proxy: ProxyFac
     writer.close()
 
 
+async def test_latency_overlaps_chunks_in_flight_and_keeps_their_order(
+    echo: tuple[str, int], tcp_proxy: ProxyFactory
+) -> None:
+    proxy = await tcp_proxy(*echo)
+    proxy.latency, proxy.jitter = 0.3, 0.1
+    reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    sent = b"".join(b"%04d" % i for i in range(20))
+    for i in range(20):  # 20 separate chunks, 20 ms apart
+        writer.write(sent[4 * i:4 * i + 4])
+        await writer.drain()
+        await asyncio.sleep(0.02)
+    got = await asyncio.wait_for(reader.readexactly(len(sent)), 10.0)
+    elapsed = loop.time() - started
+    assert got == sent  # jitter never reorders
+    # each way at least latency - jitter; pipelined, so far less than 20 chunks
+    # one after another (20 x 0.4 s even one way) would take
+    assert 0.4 <= elapsed < 2.0
+    proxy.latency = proxy.jitter = 0.0
+    started = loop.time()
+    assert await _roundtrip(reader, writer, b"fast") == b"fast"
+    assert loop.time() - started < 0.2
+    writer.close()
+
+
+async def test_cut_under_latency_ends_the_link_with_chunks_in_flight(
+    echo: tuple[str, int], tcp_proxy: ProxyFactory
+) -> None:
+    proxy = await tcp_proxy(*echo)
+    proxy.latency = 5.0
+    reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+    writer.write(b"in flight")
+    await writer.drain()
+    await asyncio.sleep(0.1)
+    proxy.cut()
+    assert await asyncio.wait_for(reader.read(), 2.0) == b""  # closed, not held 5 s
+    assert proxy.connections == 0
+
+
 async def test_close_stops_listening(echo: tuple[str, int]) -> None:
     proxy = await TcpProxy(*echo).start()
     reader, writer = await asyncio.open_connection(proxy.host, proxy.port)

@@ -36,7 +36,9 @@ class SourceLeg:
     scope: str
     options: dict[str, Any] = field(default_factory=dict)
 
-    async def produce(self, n: int) -> None:
+    async def produce(self, n: int, first: int = 0) -> None:
+        """Put sequence numbers ``first .. first + n - 1`` at the source; the first
+        call (``first == 0``) also creates what the source reads from."""
         raise NotImplementedError
 
     async def cleanup(self) -> None:
@@ -46,12 +48,13 @@ class SourceLeg:
 class JetStreamSource(SourceLeg):
     label = "JetStream"
 
-    async def produce(self, n: int) -> None:
+    async def produce(self, n: int, first: int = 0) -> None:
         nc = await private.nats_client()
         try:
-            await nc.jetstream().add_stream(name=f"RIN_{self.scope}",
-                                            subjects=[f"rin.{self.scope}"])
-            await publish_js(nc, f"rin.{self.scope}", n)
+            if first == 0:
+                await nc.jetstream().add_stream(name=f"RIN_{self.scope}",
+                                                subjects=[f"rin.{self.scope}"])
+            await publish_js(nc, f"rin.{self.scope}", n, start=first)
         finally:
             await nc.close()
         self.options = {"type": "jetstream", **private.nats_options(),
@@ -67,18 +70,19 @@ class JetStreamSource(SourceLeg):
 class KafkaSource(SourceLeg):
     label = "Kafka"
 
-    async def produce(self, n: int) -> None:
+    async def produce(self, n: int, first: int = 0) -> None:
         topic = f"rin-{self.scope}"
-        admin = private.kafka_admin()
-        await admin.start()
-        try:
-            await admin.create_topics([NewTopic(topic, 3, 1)])
-        finally:
-            await admin.close()
+        if first == 0:
+            admin = private.kafka_admin()
+            await admin.start()
+            try:
+                await admin.create_topics([NewTopic(topic, 3, 1)])
+            finally:
+                await admin.close()
         producer = private.kafka_producer()
         await producer.start()
         try:
-            futures = [await producer.send(topic, payload(i)) for i in range(n)]
+            futures = [await producer.send(topic, payload(i)) for i in range(first, first + n)]
             for f in futures:
                 await f
         finally:
@@ -96,11 +100,11 @@ class KafkaSource(SourceLeg):
 class RedisStreamSource(SourceLeg):
     label = "Redis stream"
 
-    async def produce(self, n: int) -> None:
+    async def produce(self, n: int, first: int = 0) -> None:
         r = private.redis_client()
         try:
             pipe = r.pipeline(transaction=False)
-            for i in range(n):
+            for i in range(first, first + n):
                 pipe.xadd(f"rin:{self.scope}", {"data": payload(i)})
             await pipe.execute()
         finally:
@@ -119,12 +123,12 @@ class RedisListSource(SourceLeg):
     label = "Redis list"
     gives_ids = False  # list elements have no identity: no sink can deduplicate them
 
-    async def produce(self, n: int) -> None:
+    async def produce(self, n: int, first: int = 0) -> None:
         r = private.redis_client()
         try:
-            for start in range(0, n, 1000):
-                await r.lpush(f"rin:{self.scope}:q",
-                              *[payload(i) for i in range(start, min(n, start + 1000))])
+            for start in range(first, first + n, 1000):
+                await r.lpush(f"rin:{self.scope}:q", *[
+                    payload(i) for i in range(start, min(first + n, start + 1000))])
         finally:
             await r.aclose()
         self.options = {"type": "redis_list", **private.redis_options(),
@@ -142,13 +146,15 @@ class RedisListSource(SourceLeg):
 class OutboxSource(SourceLeg):
     label = "PostgreSQL outbox"
 
-    async def produce(self, n: int) -> None:
+    async def produce(self, n: int, first: int = 0) -> None:
         table = f"rbox_{self.scope}"
         conn = await private.pg_connect()
         try:
-            await conn.execute(OUTBOX_DDL.format(table=table))
-            await conn.copy_records_to_table(table, records=[(payload(i),) for i in range(n)],
-                                             columns=["data"])
+            if first == 0:
+                await conn.execute(OUTBOX_DDL.format(table=table))
+            await conn.copy_records_to_table(
+                table, records=[(payload(i),) for i in range(first, first + n)],
+                columns=["data"])
         finally:
             await conn.close()
         self.options = {"type": "postgres_outbox", **private.postgres_options(),
