@@ -506,8 +506,8 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
     proxies: dict[str, Any] = {}
     if args.fault_every > 0:
         for name, url in SERVERS.items():
-            host, port = _host_port(url).rsplit(":", 1)
-            proxies[name] = await TcpProxy(host, int(port)).start()
+            server_host, server_port = _host_port(url).rsplit(":", 1)
+            proxies[name] = await TcpProxy(server_host, int(server_port)).start()
             clients.via[name] = proxies[name].address
     await clients.open()
     run = uuid.uuid4().hex[:6]

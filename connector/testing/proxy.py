@@ -10,6 +10,9 @@ real server. A test then breaks the path on demand:
   server, a black-holed route); ``resume()`` forwards again, nothing lost.
 * ``delay`` (seconds, settable at any time) holds back every chunk: the chunks
   of a connection wait one after another, so it also paces the flow.
+* ``corrupt(chunks, up=False)`` garbles the next ``chunks`` chunks going to the
+  client (or, with ``up=True``, to the server): a run of bytes in the middle of
+  each is inverted, as a broken middlebox or a bad NIC would leave them.
 * ``latency`` and ``jitter`` (seconds, settable at any time) delay each chunk
   by ``latency`` ± up to ``jitter``, pipelined as a slow link would: chunks in
   flight overlap, and their order is kept (a later chunk never overtakes).
@@ -75,6 +78,8 @@ class TcpProxy:
         self.delay = delay
         self.latency = 0.0
         self.jitter = 0.0
+        self.corrupted = 0  # chunks garbled by corrupt(), over the proxy's life
+        self._corrupt = {True: 0, False: 0}  # chunks still to garble, by direction (up?)
         self.accepted = 0  # connections accepted and forwarded, over the proxy's life
         self.refused = 0  # connections closed at once because of refuse()
         self.bytes_up = 0  # client -> server
@@ -161,6 +166,20 @@ class TcpProxy:
         """While on, new connections are closed as soon as they are accepted."""
         self._refusing = on
 
+    def corrupt(self, chunks: int = 1, *, up: bool = False) -> None:
+        """Garble the next ``chunks`` chunks forwarded to the client (``up``: to the
+        server): 16 bytes from the middle of each (all of a shorter one) inverted."""
+        self._corrupt[up] += chunks
+
+    def _garble(self, data: bytes, up: bool) -> bytes:
+        if not self._corrupt[up]:
+            return data
+        self._corrupt[up] -= 1
+        self.corrupted += 1
+        start = max(0, len(data) // 2 - 8)
+        end = min(len(data), start + 16)
+        return data[:start] + bytes(b ^ 0xFF for b in data[start:end]) + data[end:]
+
     def stall(self) -> None:
         """Stop forwarding bytes; connections stay open."""
         self._flowing.clear()
@@ -231,6 +250,7 @@ class TcpProxy:
                         await self._flowing.wait()
                     if writer.transport.is_closing():
                         break
+                    data = self._garble(data, up)
                     if line.busy or self.latency > 0 or self.jitter > 0:
                         await line.later(data)
                     else:
