@@ -58,7 +58,14 @@ def _whole_subject(message: Message) -> str:
 def _key(message: Message) -> str:
     if message.key is None:
         raise RejectedError("message has no key for the address template")
-    return message.key.decode("utf-8", "replace")
+    try:
+        return message.key.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        # Replacing the bad bytes would send keys that differ to the same address.
+        raise RejectedError(
+            f"key is not valid UTF-8 (byte {exc.start} of {len(message.key)}: "
+            f"{message.key[:40]!r}), so it cannot be put in the address template"
+        ) from None
 
 
 def _id(message: Message) -> str:

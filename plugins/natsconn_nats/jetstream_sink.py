@@ -51,12 +51,22 @@ from connector import (
 from .connection import Client, NatsConnectionConfig, encode_publish, nats_error, open_connection
 
 MSG_ID = "Nats-Msg-Id"
-# JetStream API error codes that no retry can cure.
+# JetStream API error codes that no retry can cure: each is about the message
+# itself (its size, or a Nats-* header it carries, e.g. copied from a Kafka
+# record), so it is rejected (dead-lettered with the reason), not retried.
 _POISON_CODES = {
     10054,  # message size exceeds maximum allowed
+    10097,  # header size exceeds maximum allowed of 64k
     10071,  # wrong last sequence
+    10164,  # wrong last sequence (per subject)
+    10193,  # missing sequence for expected last sequence per subject
     10070,  # wrong last msg id
     10060,  # expected stream does not match
+    10165,  # invalid per-message TTL (Nats-TTL)
+    10166,  # per-message TTL is disabled
+    10168, 10169, 10170, 10171, 10172,  # message counters (Nats-Incr) disabled/invalid
+    10175, 10177, 10201,  # atomic publish headers without a batch, or misused
+    10188, 10189, 10190, 10191, 10192,  # message schedules disabled/invalid
 }
 
 

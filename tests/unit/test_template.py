@@ -39,6 +39,8 @@ def test_constant_templates_are_marked_constant() -> None:
     ("{header[Region]}", MSG, "'Region'"),
     ("{key}", Message(b"x", "a"), "no key"),
     ("{id}", Message(b"x", "a"), "no id"),
+    # bad bytes replaced would send different keys to one address: refused instead
+    ("k.{key}", Message(b"x", "a", key=b"ab\xff\xfe"), r"key is not valid UTF-8 \(byte 2 of 4"),
 ])
 def test_missing_parts_reject_the_message(template: str, message: Message, reason: str) -> None:
     with pytest.raises(RejectedError, match=reason):
