@@ -12,7 +12,7 @@ from .mapping import TargetColumn
 _COLUMNS = """
 SELECT a.attnum, a.attname, format_type(a.atttypid, a.atttypmod) AS sql_type,
        coalesce(bt.typname, t.typname) AS base_type,
-       coalesce(bt.typcategory, t.typcategory) AS category
+       coalesce(bt.typcategory, t.typcategory)::text AS category  -- "char": bytes otherwise
 FROM pg_attribute a
 JOIN pg_type t ON t.oid = a.atttypid
 LEFT JOIN pg_type bt ON t.typtype = 'd' AND bt.oid = t.typbasetype

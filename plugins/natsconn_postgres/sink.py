@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import hashlib
 import itertools
+import json
 from collections.abc import Sequence
 from enum import StrEnum
 from typing import Any
@@ -184,10 +185,19 @@ class PostgresSink(Sink[PostgresSinkConfig]):
             log.info("postgres sink %s: no id column deduplicates rows; a batch redelivered "
                      "after a crash may be written twice", cfg.table)
         cols = ", ".join(q(c) for c in self._names)
-        arrays = ", ".join(f"${i + 1}::{targets[c].sql_type}[]"
-                           for i, c in enumerate(self._names))
-        self._insert_sql = (f"INSERT INTO {self._qtable} AS t_ ({cols}) SELECT * FROM "
-                            f"unnest({arrays}){conflict}")
+        # unnest() flattens an array of arrays, so an array column travels as one
+        # jsonb per row and is rebuilt per row (one dimension, as the mapping gives)
+        self._json_positions = frozenset(
+            i for i, c in enumerate(self._names) if targets[c].category == "A")
+        arrays = ", ".join(
+            f"${i + 1}::{'jsonb' if i in self._json_positions else targets[c].sql_type}[]"
+            for i, c in enumerate(self._names))
+        values = ", ".join(
+            _array_from_json(f"u_.c{i}", targets[c].sql_type) if i in self._json_positions
+            else f"u_.c{i}" for i, c in enumerate(self._names))
+        aliases = ", ".join(f"c{i}" for i in range(len(self._names)))
+        self._insert_sql = (f"INSERT INTO {self._qtable} AS t_ ({cols}) SELECT {values} FROM "
+                            f"unnest({arrays}) AS u_({aliases}){conflict}")
         self._stage: str | None = None
         if cfg.mode is Mode.copy and conflict:
             digest = hashlib.sha1(cfg.table.encode()).hexdigest()[:12]
@@ -287,7 +297,8 @@ class PostgresSink(Sink[PostgresSinkConfig]):
         cfg = self.config
         async with conn.transaction():
             if cfg.mode is not Mode.copy:
-                await conn.execute(self._insert_sql, *_arrays(rows, len(self._names)))
+                await conn.execute(self._insert_sql,
+                                   *_arrays(rows, len(self._names), self._json_positions))
             elif self._stage is None:
                 await conn.copy_records_to_table(self._table, schema_name=self._schema,
                                                  columns=self._names, records=rows)
@@ -310,8 +321,8 @@ class PostgresSink(Sink[PostgresSinkConfig]):
                 statements += 1
                 try:
                     async with conn.transaction():  # a savepoint
-                        await conn.execute(self._insert_sql,
-                                           *_arrays([rows[i] for i in index], ncols))
+                        await conn.execute(self._insert_sql, *_arrays(
+                            [rows[i] for i in index], ncols, self._json_positions))
                     return
                 except Exception as exc:
                     if not is_row_error(exc):
@@ -359,8 +370,20 @@ def _key_order(item: tuple[tuple[Any, ...], int]) -> tuple[Any, ...]:
                  for v in item[0])
 
 
-def _arrays(rows: list[tuple[Any, ...]], ncols: int) -> list[list[Any]]:
-    """Rows to one list per column, for ``unnest($1::t[], ...)``."""
+def _arrays(rows: list[tuple[Any, ...]], ncols: int,
+            json_positions: frozenset[int] = frozenset()) -> list[list[Any]]:
+    """Rows to one list per column, for ``unnest($1::t[], ...)``; the columns at
+    ``json_positions`` (array columns) as JSON text, one document per row."""
     if not rows:
         return [[] for _ in range(ncols)]
-    return [list(col) for col in zip(*rows, strict=True)]
+    out = [list(col) for col in zip(*rows, strict=True)]
+    for i in json_positions:
+        out[i] = [None if v is None else json.dumps(v) for v in out[i]]
+    return out
+
+
+def _array_from_json(value: str, sql_type: str) -> str:
+    """SQL turning a jsonb array (or NULL) into a value of the array type ``sql_type``;
+    ``[]`` gives an empty array, a JSON value that is no array an error of the row."""
+    return (f"(CASE WHEN {value} IS NULL THEN NULL ELSE COALESCE((SELECT array_agg(e_) "
+            f"FROM jsonb_array_elements_text({value}) AS e_), '{{}}') END)::{sql_type}")
