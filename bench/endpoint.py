@@ -45,6 +45,11 @@ class Endpoint(ABC):
     name: ClassVar[str]  # the plugin type in pipeline.yaml
     system: ClassVar[str]  # the service it needs, as in `scripts/services start <system>`
     durable: ClassVar[bool] = True  # False: a source needs a live feed (core NATS, pub/sub)
+    # True: workers share this source through a consumer group that forms only once
+    # they are up (Kafka); with --workers it is then fed after /readyz, as a live
+    # source is, instead of preloaded: preloaded, the first worker drains it while
+    # the others are still joining, before the window can open
+    group_shared: ClassVar[bool] = False
     gives_ids: ClassVar[bool] = False  # its source sets Message.id
     uses_ids: ClassVar[bool] = False  # its sink writes Message.id (dedupe key, upsert key)
     # how a produce leg carrying ids names them in the report (``uses_ids`` sinks)

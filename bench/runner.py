@@ -12,7 +12,9 @@ For each pair and message size, in one run of the harness:
 A durable source (JetStream) is preloaded before the clock starts; a
 non-durable one (core NATS) is fed at full speed by a worker running the
 endpoint's feed technique once the consumer is subscribed, and what does not
-arrive is reported as dropped.
+arrive is reported as dropped. A source shared by a consumer group (Kafka) is
+fed that way too under ``--workers N`` (N > 1): preloaded, its first worker
+would drain it before the others had joined the group.
 """
 
 from __future__ import annotations
@@ -587,7 +589,8 @@ class Harness:
         child: Child | None = None
         try:
             feed_params = replace(params, ids=False)
-            if src.durable:
+            preload = preloads(src, params)
+            if preload:
                 await self._produce(src, src_place, feed_params)
             self.meter.start()
             child, _port = await self.start_natsconn(
@@ -597,7 +600,7 @@ class Harness:
                         if self.profile_to else None)
             feed: asyncio.Task[tuple[Sample, float]] | None = None
             cpu_before_feed = child.cpu()  # subscribed and idle: the bridge's CPU clock
-            if not src.durable:
+            if not preload:
                 feed = asyncio.create_task(self._produce(src, src_place, feed_params))
             try:
                 sample = await self._watch(child, dst, dst_place, params.count, feed)
@@ -753,6 +756,13 @@ class Harness:
                       server_cores=(last[3] - first[3]) / seconds, notes=notes,
                       started=first[0], parts=parts_delta(first[4], last[4]),
                       bridge={"last_arrival": last[0], "cpu_last": last[2]})
+
+
+def preloads(src: Endpoint | type[Endpoint], params: Params) -> bool:
+    """Whether the source is filled before natsconn starts (durable sources), or
+    fed once it is ready: live sources, and group-shared ones under several
+    workers, whose group forms only as the workers come up."""
+    return src.durable and not (params.workers > 1 and src.group_shared)
 
 
 def _round_noise(samples: list[Sample]) -> float:

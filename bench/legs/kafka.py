@@ -73,6 +73,7 @@ class Kafka(Endpoint):
     name = "kafka"
     system = "kafka"
     durable = True
+    group_shared = True
     gives_ids = True  # topic/partition/offset
     uses_ids = False  # the sink writes ids only with metadata_headers
     produce_legs = {

@@ -11,11 +11,13 @@ import time
 
 import pytest
 
+from bench.legs.kafka import Kafka
+from bench.legs.nats import CoreNats, JetStream
 from bench.model import Params, Sample, Stats, bridge_terms, ceiling, parse_workers, parts_delta
 from bench.procs import ProcTree, descendants, env_value
 from bench.registry import Pair
 from bench.report import bridge_rows, go_bridge, scaling, worker_cores
-from bench.runner import Measured, PairResult
+from bench.runner import Measured, PairResult, preloads
 
 # ------------------------------------------------------------- process trees
 
@@ -192,3 +194,11 @@ def test_go_bridge_section_takes_medians_and_the_worst_loss() -> None:
     assert "| nats->kafka | 128 B | 2 | 200.0k (190.0k-210.0k) | 200,000 (min) | 5 (max)" in text
     assert "4.00" in text and "1, 2, 3" in text
     assert go_bridge([_result(1, [_sample(1, {})])]) == []
+
+
+def test_a_kafka_source_is_fed_after_readiness_only_under_several_workers() -> None:
+    # preloaded, the first worker would drain the topic while the others join the group
+    for workers, expected in ((0, True), (1, True), (2, False), (4, False)):
+        assert preloads(Kafka, Params(size=128, count=100, workers=workers)) is expected
+    assert preloads(JetStream, Params(size=128, count=100, workers=4))  # one durable
+    assert not preloads(CoreNats, Params(size=128, count=100, workers=0))  # live feed
