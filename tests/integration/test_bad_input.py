@@ -43,7 +43,7 @@ from .helpers import (
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("delete_streams")]
 
-N = 3000
+N = 2000
 
 
 # ------------------------------------------------------------ garbled frames
