@@ -21,7 +21,7 @@ from typing import Any
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from nats.aio.client import Client as NATS
 
@@ -40,6 +40,7 @@ from .helpers import (
     wait_ready_in_process,
     wait_until,
 )
+from .kafka.kafka_helpers import read_topic, topic_count
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("delete_streams")]
 
@@ -96,30 +97,11 @@ class Sink:
                 return []
             finally:
                 await conn.close()
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.urls["kafka"])
-        await admin.start()
-        try:
-            described = await admin.describe_topics([f"gout-{u}"])
-        finally:
-            await admin.close()
-        parts = [TopicPartition(f"gout-{u}", p["partition"]) for d in described
-                 for p in d.get("partitions") or []]
-        if not parts:
+        count = await topic_count(self.urls["kafka"], f"gout-{u}")  # 0: no topic yet
+        if count == 0:
             return []
-        consumer = AIOKafkaConsumer(bootstrap_servers=self.urls["kafka"],
-                                    enable_auto_commit=False)
-        await consumer.start()
-        try:
-            consumer.assign(parts)
-            await consumer.seek_to_beginning(*parts)
-            ends = await consumer.end_offsets(parts)
-            out: list[int] = []
-            while [p for p in parts if await consumer.position(p) < ends[p]]:
-                for records in (await consumer.getmany(timeout_ms=500)).values():
-                    out.extend(seq_of(r.value or b"") for r in records)
-            return out
-        finally:
-            await consumer.stop()
+        return [seq_of(r.value or b"")
+                for r in await read_topic(self.urls["kafka"], f"gout-{u}", count)]
 
 
 @pytest.fixture

@@ -4,10 +4,12 @@ member, the Go-bridge figures, the implied ceilings, and their report sections
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -59,13 +61,24 @@ BURN = ("import os, subprocess, sys, time\n"
         "time.sleep(30)\n")
 
 
-def test_proc_tree_sums_the_parent_and_its_workers_by_label() -> None:
-    proc = subprocess.Popen([sys.executable, "-c", BURN], stdout=subprocess.PIPE,
+@contextlib.contextmanager
+def _tree_of(script: str) -> Iterator[int]:
+    """A process running ``script`` in a session of its own, once it printed "up";
+    yields its pid, and kills the whole session at the end."""
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
                             start_new_session=True)
     try:
         assert proc.stdout is not None
         assert proc.stdout.readline().strip() == b"up"
-        tree = ProcTree(proc.pid, rescan=0.0)
+        yield proc.pid
+    finally:
+        os.killpg(proc.pid, 9)
+        proc.wait()
+
+
+def test_proc_tree_sums_the_parent_and_its_workers_by_label() -> None:
+    with _tree_of(BURN) as pid:
+        tree = ProcTree(pid, rescan=0.0)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             total = tree.cpu()
@@ -78,9 +91,6 @@ def test_proc_tree_sums_the_parent_and_its_workers_by_label() -> None:
         assert parts["w0"] >= 0.55 and parts["w1"] >= 0.55
         assert total == pytest.approx(sum(parts.values()))
         assert tree.hwm() > 0
-    finally:
-        os.killpg(proc.pid, 9)
-        proc.wait()
 
 
 LATE_EXEC = ("import os, sys, time\n"
@@ -94,21 +104,14 @@ LATE_EXEC = ("import os, sys, time\n"
 
 
 def test_proc_tree_labels_a_worker_seen_before_its_exec_once_it_has_execd() -> None:
-    proc = subprocess.Popen([sys.executable, "-c", LATE_EXEC], stdout=subprocess.PIPE,
-                            start_new_session=True)
-    try:
-        assert proc.stdout is not None
-        assert proc.stdout.readline().strip() == b"up"
-        tree = ProcTree(proc.pid, rescan=0.0)
+    with _tree_of(LATE_EXEC) as pid:
+        tree = ProcTree(pid, rescan=0.0)
         early = tree.parts()
         assert "w0" not in early and len(early) == 2  # the child is there, not yet a worker
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and "w0" not in tree.parts():
             time.sleep(0.05)
         assert set(tree.parts()) == {"parent", "w0"}
-    finally:
-        os.killpg(proc.pid, 9)
-        proc.wait()
 
 
 # ------------------------------------------------------------ the Go bridge
