@@ -247,6 +247,7 @@ def _run(args: argparse.Namespace) -> int:
     # bridge's CPU (bench/, py-spy with gc.callbacks).
     gc.freeze()
     gc.set_threshold(10_000, 10, 10)
+    looplag.time_collections()
     index = os.environ.get(workers.ENV_INDEX)
     if index is not None:  # a worker of `--workers N`: its share of the pipelines
         loaded = workers.for_worker(loaded, int(index), int(os.environ[workers.ENV_COUNT]))

@@ -16,7 +16,7 @@ class SinkBatch:
     that tracker, so a failed index maps back to its source batch.
     """
 
-    __slots__ = ("messages", "nbytes", "resolved", "spans", "unresolved")
+    __slots__ = ("closed_at", "messages", "nbytes", "resolved", "spans", "unresolved")
 
     def __init__(self) -> None:
         self.messages: list[Message] = []
@@ -26,6 +26,7 @@ class SinkBatch:
         # is resolved twice whatever path (retry, dead letter, shutdown) gets there.
         self.resolved: bytearray | None = None
         self.unresolved = 0
+        self.closed_at = 0.0  # perf_counter when it was full or due (stage timing)
 
     def add(self, messages: list[Message], tracker: Tracker, nbytes: int) -> None:
         start = len(self.messages)
@@ -73,8 +74,10 @@ class Batcher:
         self._current: SinkBatch | None = None
         self._started = 0.0
 
-    def add(self, messages: list[Message], tracker: Tracker) -> list[SinkBatch]:
-        """Add a chunk; return the batches that are now full (by count or bytes)."""
+    def add(self, messages: list[Message], tracker: Tracker,
+            nbytes_all: int | None = None) -> list[SinkBatch]:
+        """Add a chunk; return the batches that are now full (by count or bytes).
+        ``nbytes_all``, when the caller knows it, is the chunk's payload bytes."""
         full: list[SinkBatch] = []
         i, n = 0, len(messages)
         while i < n:
@@ -83,8 +86,10 @@ class Batcher:
                 self._started = time.monotonic()
             current = self._current
             j = min(n, i + self.max_messages - len(current))
-            part = messages if (i == 0 and j == n) else messages[i:j]
-            nbytes = sum(len(m.data) for m in part)
+            whole = i == 0 and j == n
+            part = messages if whole else messages[i:j]
+            nbytes = (nbytes_all if whole and nbytes_all is not None
+                      else sum(len(m.data) for m in part))
             if current.nbytes + nbytes > self.max_bytes:
                 # Take what fits by bytes; a lone oversized message still goes alone,
                 # and the sink decides whether it is too large.

@@ -62,8 +62,8 @@ class SinkLane:
 
     # ------------------------------------------------------------ taking work
 
-    def add(self, messages: list[Message], tracker: Tracker) -> None:
-        for full in self.batcher.add(messages, tracker):
+    def add(self, messages: list[Message], tracker: Tracker, nbytes: int | None = None) -> None:
+        for full in self.batcher.add(messages, tracker, nbytes):
             self._submit(full)
 
     def reject(self, rejected: list[Rejected], tracker: Tracker) -> None:
@@ -83,6 +83,7 @@ class SinkLane:
         return True
 
     def _submit(self, batch: SinkBatch) -> None:
+        batch.closed_at = time.perf_counter()
         if self._busy < self.max_in_flight and not self._shutdown.stopping.is_set():
             self._start(batch)
         else:
@@ -130,6 +131,7 @@ class SinkLane:
         backoff = Backoff(retry.initial_backoff, retry.max_backoff, retry.multiplier)
         attempt = 0
         max_attempts = retry.max_attempts
+        begun = time.perf_counter()
         try:
             while True:
                 attempt += 1
@@ -168,12 +170,22 @@ class SinkLane:
                         self._log.warning("sink raised %s, treating it as retryable",
                                           type(exc).__name__, exc_info=True)
                 else:
-                    elapsed = time.perf_counter() - started
+                    done = time.perf_counter()
+                    elapsed = done - started
                     self._metrics.write_seconds.observe(elapsed)
-                    self.sink_metrics.write_seconds.observe(elapsed)
+                    sm = self.sink_metrics
+                    sm.write_seconds.observe(elapsed)
                     self._metrics.batches.inc()
-                    self.sink_metrics.batches.inc()
+                    sm.batches.inc()
                     await self._written(batch, range(len(batch)) if pending is None else pending)
+                    # Stage timing of the batch's oldest message (its first span).
+                    settled = time.perf_counter()
+                    read_at = batch.spans[0][0].read_at
+                    sm.batching.observe(batch.closed_at - read_at)
+                    sm.waiting.observe(begun - batch.closed_at)
+                    sm.writing.observe(done - begun)
+                    sm.settling.observe(settled - done)
+                    sm.total.observe(settled - read_at)
                     return
                 # A retryable failure of ``pending`` (or all).
                 if max_attempts is not None and attempt >= max_attempts:

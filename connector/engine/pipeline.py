@@ -303,7 +303,9 @@ class Pipeline:
             if bad:
                 lane.reject(bad, tracker)
             if routed:
-                lane.add(routed, tracker)
+                # The source batch unchanged (no transform, no routing): its bytes
+                # are counted already.
+                lane.add(routed, tracker, nbytes if routed is batch.messages else None)
 
     def _spawn(self, coro: Any) -> None:
         task: asyncio.Task[None] = asyncio.create_task(coro)

@@ -7,6 +7,8 @@ dead-lettered.
 
 from __future__ import annotations
 
+import time
+
 from .._batch import AckHandle
 
 
@@ -16,6 +18,7 @@ class Tracker:
         "failed",
         "failed_delay",
         "nbytes",
+        "read_at",
         "read_count",
         "remaining",
         "term_reason",
@@ -29,6 +32,7 @@ class Tracker:
         self.failed = False
         self.failed_delay: float | None = None
         self.term_reason: str | None = None
+        self.read_at = time.perf_counter()  # when the engine took the batch (stage timing)
 
     def fail(self, delay: float | None) -> None:
         """At least one message could not be written: the batch must come again."""

@@ -79,6 +79,21 @@ SINK_WRITE_SECONDS = Histogram(
     "natsconn_sink_write_seconds", "Write latency per batch, per sink", _S, registry=REGISTRY,
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
+# Where the oldest message of each written batch spent its time inside natsconn
+# (docs/operations.md "Where latency goes"); observed once per batch.
+STAGES: Final = ("batching", "queued", "writing", "settling", "total")
+BATCH_STAGE_SECONDS = Histogram(
+    "natsconn_batch_stage_seconds",
+    "Per written batch, how long its oldest message spent in each stage: batching (read to "
+    "batch full or due), queued (to its write starting: a free slot and the event loop), "
+    "writing (to the sink's confirmation, retries included), settling (to the source's "
+    "acknowledgement), total (read to acknowledged)",
+    ("pipeline", "sink", "stage"), registry=REGISTRY,
+    # Fine around the default linger (20 ms), where a batch's oldest message waits.
+    buckets=(0.0005, 0.001, 0.0015, 0.002, 0.003, 0.004, 0.005, 0.0065, 0.008, 0.01, 0.0125,
+             0.015, 0.0175, 0.02, 0.021, 0.022, 0.023, 0.025, 0.0275, 0.03, 0.035, 0.04, 0.05,
+             0.06, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5, 10),
+)
 SINK_RETRIES = Counter("natsconn_sink_retries", "Failed write attempts retried, per sink", _S,
                        registry=REGISTRY)
 SINK_DEAD_LETTERED = Counter("natsconn_sink_dead_lettered",
@@ -126,6 +141,8 @@ class SinkMetrics:
         self.retries = SINK_RETRIES.labels(pipeline, sink)
         self.dead_lettered = SINK_DEAD_LETTERED.labels(pipeline, sink)
         self.queued = SINK_QUEUED.labels(pipeline, sink)
+        self.batching, self.waiting, self.writing, self.settling, self.total = (
+            BATCH_STAGE_SECONDS.labels(pipeline, sink, stage) for stage in STAGES)
 
 
 class PluginMeters:

@@ -14,10 +14,13 @@ from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.metrics import MetricWrapperBase
 
 from connector.engine import reload
-from connector.ops import metrics
+from connector.ops import looplag, metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "helm" / "natsconn" / "dashboards" / "natsconn.json"
+
+# Families without a pipeline label: the process's, not a pipeline's.
+PROCESS_WIDE = ("natsconn_reloads_total", "natsconn_event_loop_lag_", "natsconn_gc_pause_")
 
 # PromQL words that look like metric names in an expression but are not.
 PROMQL = {
@@ -32,7 +35,7 @@ def exported() -> dict[str, tuple[str, frozenset[str]]]:
     """Every sample name natsconn's registry exports -> (family, its label names):
     a counter as <name>_total, a histogram as <name>_bucket/_sum/_count (and ``le``)."""
     wrappers: list[MetricWrapperBase] = [
-        v for mod in (metrics, reload) for v in vars(mod).values()
+        v for mod in (metrics, reload, looplag) for v in vars(mod).values()
         if isinstance(v, MetricWrapperBase)]
     assert reload.RELOADS in wrappers
     out: dict[str, tuple[str, frozenset[str]]] = {}
@@ -132,7 +135,9 @@ def test_every_query_names_only_exported_metrics() -> None:
                    "natsconn_in_flight_messages", "natsconn_source_lag",
                    "natsconn_retries_total", "natsconn_dead_lettered_total",
                    "natsconn_filtered_total", "natsconn_pipeline_restarts_total",
-                   "natsconn_reloads_total", "natsconn_dropped_total"):
+                   "natsconn_reloads_total", "natsconn_dropped_total",
+                   "natsconn_batch_stage_seconds_bucket", "natsconn_event_loop_lag_seconds_bucket",
+                   "natsconn_gc_pause_seconds_bucket"):
         assert family in used, f"no panel queries {family}"
 
 
@@ -158,6 +163,7 @@ def test_histogram_quantiles_use_buckets_and_keep_le() -> None:
     "Messages in / out per pipeline", "Written per sink", "Write latency p50 / p99",
     "In flight", "Source lag", "Retries", "Dead-lettered", "Filtered",
     "Restarts after failures", "Reloads", "Dropped",
+    "Where the oldest message of a batch waits (p99)", "Event loop lag and collector pauses",
 ])
 def test_the_promised_panels_are_there(title: str) -> None:
     assert title in {p["title"] for p in panels()}
@@ -180,7 +186,7 @@ def test_the_dashboard_is_well_formed() -> None:
         assert [t["refId"] for t in p["targets"]] == [chr(65 + i)
                                                      for i in range(len(p["targets"]))]
         for t in p["targets"]:
-            if "natsconn_reloads_total" not in t["expr"]:  # the one process-wide family
+            if not any(family in t["expr"] for family in PROCESS_WIDE):
                 assert 'pipeline=~"$pipeline"' in t["expr"], (p["title"], t["expr"])
     # No two panels overlap on the grid.
     cells: set[tuple[int, int]] = set()

@@ -723,3 +723,37 @@ async def test_stop_during_an_end_of_input_drain_honours_the_deadline(in_flight:
     assert time.monotonic() - started < 0.1 + 0.5
     assert pipe.state in (PipelineState.FINISHED, PipelineState.STOPPED)
     assert [a.settlements for a in acks] == [[("nack", None)], [("nack", None)]]
+
+
+async def test_stage_histograms_say_where_each_batch_waited() -> None:
+    """Two full batches and a lingering partial one, one write slot, 30 ms a
+    write: the histograms put the linger in batching, the slot wait in queued and
+    the sink's time in writing, once per batch."""
+    pipe = make_pipeline(batch={"max_messages": 5, "max_wait": "40ms"}, max_in_flight=1)
+    source, sink = parts(pipe)
+
+    async def slow(_messages: Sequence[Message], _attempt: int) -> None:
+        await asyncio.sleep(0.03)
+
+    sink.behaviour = slow
+    task = asyncio.create_task(pipe.run())
+    for first, n in ((0, 5), (5, 5), (10, 2)):
+        source.feed([msg(first + i) for i in range(n)])
+    await until(lambda: len(sink.written) == 12, timeout=3)
+    await until(lambda: sample("natsconn_batch_stage_seconds_count", pipe, sink="fake",
+                               stage="total") == 3)
+
+    def stage(name: str, suffix: str = "sum", **extra: str) -> float:
+        return sample(f"natsconn_batch_stage_seconds_{suffix}", pipe, sink="fake",
+                      stage=name, **extra)
+
+    for name in ("batching", "queued", "writing", "settling", "total"):
+        assert stage(name, "count") == 3, name
+    assert stage("writing") >= 0.09  # three writes of 30 ms
+    # The two full batches closed at once; the partial one lingered 40 ms.
+    assert stage("batching", "bucket", le="0.0005") == 2
+    assert 0.04 <= stage("batching") < 0.08
+    # Batch 2 waited for batch 1's write (30 ms) to free the slot.
+    assert stage("queued") >= 0.025
+    assert stage("total") >= stage("batching") + stage("writing")
+    await finish(pipe, task)
