@@ -121,6 +121,10 @@ def _parser() -> argparse.ArgumentParser:
                      "rate itself (a preloaded source, nothing else running)")
     lat.add_argument("--round-trips", type=int, default=200, help="sink round trips timed "
                      "with the raw client (default 200)")
+    lat.add_argument("--nice", type=int, help="run natsconn's threads at this scheduling "
+                     "priority during the levels (-20..19; below 0 needs root): on a machine "
+                     "where natsconn shares its cores with the servers, the sender and the "
+                     "receiver, shows how much of the tail is waiting for a core")
     lat.add_argument("--quick", action="store_true", help="short levels and a small "
                      "throughput run: a smoke test")
     _common(lat)
@@ -308,13 +312,15 @@ def _latency(args: argparse.Namespace) -> int:
     lat = LatencyOptions(levels=levels, seconds=3.0 if args.quick else args.seconds,
                          warmup=1.0 if args.quick else args.warmup, max_rate=args.max_rate,
                          live_max=args.max_from == "live",
-                         round_trips=50 if args.quick else args.round_trips)
+                         round_trips=50 if args.quick else args.round_trips, nice=args.nice)
     started = time.time()
     results, described = _under_harness(opts, lambda h: LatencyRunner(h, lat).run())
     cond = report.conditions(opts, described, started, kind="latency")
     cond.update(load_levels=", ".join(f"{x:.0%}" for x in levels),
                 seconds_per_level=f"{lat.seconds:g} s measured after {lat.warmup:g} s left out",
                 round_trips=lat.round_trips,
+                natsconn_nice=("default (0)" if lat.nice is None else
+                               f"{lat.nice} (its threads, during the levels)"),
                 max_from=("--max-rate" if lat.max_rate else
                           "what a 100% level delivered with sender and receiver running"
                           if lat.live_max else "a throughput run (preloaded source)"))

@@ -35,6 +35,8 @@ from typing import Any
 from .endpoint import Endpoint
 from .hdr import Histogram
 from .model import Params, Place
+from .procs import renice
+from .prom import buckets, fetch, quantile
 from .registry import PAIRS, Pair, parse_pair
 from .runner import BenchError, Harness
 from .schedule import level_count
@@ -43,6 +45,9 @@ from .timed import RECEIVERS, ROUND_TRIPS, SENDERS
 
 LEVELS = (0.1, 0.5, 0.8)
 OVERLOADED = 0.95  # delivered below this share of the offered rate: the level overloads
+STAGE_METRIC = "natsconn_batch_stage_seconds"
+LOOP_LAG_METRIC = "natsconn_event_loop_lag_seconds"
+GC_METRIC = "natsconn_gc_pause_seconds"
 
 
 @dataclass(slots=True)
@@ -58,6 +63,18 @@ class Level:
     natsconn_rss: int  # its peak RSS, bytes
     notes: list[str] = field(default_factory=list)
     other_cores: float = 0.0  # CPU other processes used meanwhile (the machine is shared)
+    # natsconn's own account of the level, from its /metrics at the end: per stage
+    # of a written batch's oldest message (and "loop_lag"), p50/p99 in ms and count
+    stages: dict[str, dict[str, float]] = field(default_factory=dict)
+    # seconds natsconn's threads were runnable but waited for a core, and the
+    # level's wall time: on a small machine, the scheduler's share of the tail
+    natsconn_runq_wait: float = 0.0
+    wall: float = 0.0
+
+    @property
+    def runq_wait_share(self) -> float:
+        """Of the level's wall time, the share natsconn spent waiting for a core."""
+        return self.natsconn_runq_wait / self.wall if self.wall > 0 else 0.0
 
     @property
     def histogram(self) -> Histogram:
@@ -78,13 +95,15 @@ class Level:
                 "sent": self.sent, "received": self.received,
                 "natsconn_cpu": self.natsconn_cpu, "natsconn_rss": self.natsconn_rss,
                 "notes": self.notes, "other_cores": self.other_cores,
-                "summary_ns": self.histogram.summary()}
+                "stages": self.stages, "natsconn_runq_wait": self.natsconn_runq_wait,
+                "wall": self.wall, "summary_ns": self.histogram.summary()}
 
     @classmethod
     def from_json(cls, j: dict[str, Any]) -> Level:
         return cls(j["fraction"], j["rate"], j["count"], j["sent"], j["received"],
                    j["natsconn_cpu"], j["natsconn_rss"], j.get("notes", []),
-                   j.get("other_cores", 0.0))
+                   j.get("other_cores", 0.0), j.get("stages", {}),
+                   j.get("natsconn_runq_wait", 0.0), j.get("wall", 0.0))
 
 
 @dataclass(slots=True)
@@ -145,6 +164,7 @@ class LatencyOptions:
     max_rate: float | None = None  # skip the throughput run
     live_max: bool = True  # the max is what a 100 % level delivers (sender and receiver on)
     round_trips: int = 200
+    nice: int | None = None  # natsconn's scheduling priority during the levels
 
 
 def select(text: str | None, default: tuple[str, ...] = ()) -> list[Pair]:
@@ -243,12 +263,14 @@ class LatencyRunner:
         dst_place = await dst.create(tag, params, "sink")
         child = None
         try:
-            child, _ = await self.h.start_natsconn(
+            child, port = await self.h.start_natsconn(
                 pair, src.source_block(src_place, params), dst.sink_block(dst_place, params),
                 params, tag)
             await self._consuming(src, src_place)
+            if o.nice is not None:
+                renice(child.pid, o.nice)
             self.h.meter.start()
-            cpu0 = child.cpu()
+            cpu0, wait0, wall0 = child.cpu(), child.runq_wait(), time.perf_counter()
             send = {"mode": "send", "endpoint": src.name, "place": src_place,
                     "params": params.to_json(), "rate": rate, "count": count}
             receive = {"mode": "receive", "endpoint": dst.name, "place": dst_place,
@@ -257,10 +279,13 @@ class LatencyRunner:
             received, receiver_cpu, sent = await self.h.run_worker(
                 receive, on_ready=lambda: self.h.run_worker(send))
             natsconn_cpu = child.cpu() - cpu0
+            wait, wall = child.runq_wait() - wait0, time.perf_counter() - wall0
             ours = natsconn_cpu + receiver_cpu + (sent[1] if sent else 0.0)
             level = Level(fraction, rate, count, sent[0] if sent else {}, received,
                           natsconn_cpu, child.hwm(),
-                          other_cores=self.h.meter.other_cores(ours))
+                          other_cores=self.h.meter.other_cores(ours),
+                          stages=await self._stages(port), natsconn_runq_wait=wait,
+                          wall=wall)
             self._judge(level)
             return level
         finally:
@@ -269,6 +294,15 @@ class LatencyRunner:
                 await child.reap()
             await src.destroy(src_place)
             await dst.destroy(dst_place)
+
+    @staticmethod
+    async def _stages(port: int) -> dict[str, dict[str, float]]:
+        """natsconn's stage histograms over the whole level (warm-up included)."""
+        try:
+            text = await asyncio.to_thread(fetch, f"http://127.0.0.1:{port}/metrics")
+        except OSError:
+            return {}
+        return stage_summary(text)
 
     @staticmethod
     async def _consuming(src: Endpoint, place: Place, limit: float = 60.0) -> None:
@@ -299,8 +333,38 @@ class LatencyRunner:
         ms = {k: (v / 1e6 if isinstance(v, int) else None) for k, v in h.summary().items()}
         fmt = {k: f"{v:.2f}" if v is not None else "-" for k, v in ms.items()}
         notes = f" | {'; '.join(lv.notes)}" if lv.notes else ""
+        if lv.stages:
+            notes += " | stages p99 " + stage_line(lv.stages)
         self.h.say(f"{time.strftime('%H:%M:%S')} {label} | {lv.fraction:.0%} load "
                    f"{lv.rate:,.0f} msg/s offered, {lv.delivered_rate:,.0f} delivered | "
                    f"p50 {fmt['p50']} p99 {fmt['p99']} p99.9 {fmt['p99.9']} max {fmt['max']} "
                    f"ms | natsconn {lv.natsconn_cpu / max(lv.count, 1) * 1e6:.1f} us/msg "
-                   f"CPU | other {lv.other_cores:.2f} cores{notes}")
+                   f"CPU, waited for a core {lv.runq_wait_share:.0%} of the time | other "
+                   f"{lv.other_cores:.2f} cores{notes}")
+
+
+def stage_summary(metrics_text: str) -> dict[str, dict[str, float]]:
+    """p50/p99 (ms) and count per stage of natsconn's batch stage histograms, of its
+    event-loop lag as ``loop_lag`` and of its collector's pauses as ``gc0``-``gc2``."""
+    out: dict[str, dict[str, float]] = {}
+    hists = buckets(metrics_text, STAGE_METRIC, "stage")
+    lag = buckets(metrics_text, LOOP_LAG_METRIC, "")
+    if "" in lag:
+        hists["loop_lag"] = lag[""]
+    for g, cumulative in buckets(metrics_text, GC_METRIC, "generation").items():
+        hists[f"gc{g}"] = cumulative
+    for stage, cumulative in hists.items():
+        p50, p99 = quantile(cumulative, 0.5), quantile(cumulative, 0.99)
+        if p50 is None or p99 is None:
+            continue
+        out[stage] = {"p50_ms": p50 * 1e3, "p99_ms": p99 * 1e3, "count": cumulative[-1][1]}
+    return out
+
+
+STAGE_ORDER = ("batching", "queued", "writing", "settling", "total", "loop_lag", "gc1", "gc2")
+
+
+def stage_line(stages: dict[str, dict[str, float]]) -> str:
+    """``batching 19.8 / queued 0.4 / ...`` (p99 ms) in the stages' order."""
+    parts = [f"{k} {stages[k]['p99_ms']:.1f}" for k in STAGE_ORDER if k in stages]
+    return " / ".join(parts) + " ms"

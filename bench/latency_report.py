@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .latency import PairLatency
+from .latency import STAGE_ORDER, PairLatency
 from .results_io import conditions_section, write_results
 
 
@@ -51,8 +51,45 @@ def markdown(results: list[PairLatency], cond: dict[str, Any]) -> str:
             "first seconds of each level are left out. Other cores: CPU used by processes "
             "outside the measurement (other people's work on a shared machine). Target "
             "(issue #8): p99 at 50 % load <= linger + 2 x sink round trip + 5 ms.", ""]
+    out += _stages(results)
     out += conditions_section(cond)
     return "\n".join(out)
+
+
+def _stages(results: list[PairLatency]) -> list[str]:
+    """Where the time went inside natsconn, per level: its batch stage histograms."""
+    rows = [(r, lv) for r in results for lv in r.levels if lv.stages]
+    if not rows:
+        return []
+    out = ["## Inside natsconn: p50 / p99 ms per stage of each written batch's oldest message "
+           "(gc: collections x p99 pause ms)",
+           "", "| pipeline | load | " + " | ".join(STAGE_ORDER)
+           + " | batches | waited for a core |",
+           "|---|---|" + "---|" * (len(STAGE_ORDER) + 2)]
+    for r, lv in rows:
+        cells = []
+        for k in STAGE_ORDER:
+            v = lv.stages.get(k)
+            if v is None:
+                cells.append("-")
+            elif k.startswith("gc"):  # how many collections, and the p99 pause
+                cells.append(f"{v['count']:,.0f} x {v['p99_ms']:.2f}")
+            else:
+                cells.append(f"{v['p50_ms']:.2f} / {v['p99_ms']:.2f}")
+        n = lv.stages.get("total", {}).get("count", 0)
+        out.append(f"| {r.pair} | {lv.fraction:.0%} | " + " | ".join(cells)
+                   + f" | {n:,.0f} | {lv.runq_wait_share:.0%} |")
+    out += ["", "From natsconn's `natsconn_batch_stage_seconds` (per written batch, the oldest "
+            "message: batching = read to the batch full or due; queued = to its write starting; "
+            "writing = to the sink's confirmation; settling = to the source's acknowledgement; "
+            "total = read to acknowledged), `natsconn_event_loop_lag_seconds` (a timer every "
+            "250 ms) and `natsconn_gc_pause_seconds` (gc1, gc2: collections of the middle and "
+            "oldest generation), scraped at the end of each level (its warm-up included); "
+            "quantiles interpolated within the histogram's buckets. Waited for a core: of the "
+            "level's wall time, the share natsconn's threads were runnable but not running "
+            "(/proc/PID/task/*/schedstat), which on a machine whose cores are all busy is "
+            "the scheduler's part of the tail.", ""]
+    return out
 
 
 def write(results: list[PairLatency], cond: dict[str, Any],

@@ -35,6 +35,27 @@ def proc_cpu(pid: int, children: bool = False) -> float:
     return ticks / TICK
 
 
+def proc_runq_wait(pid: int) -> float:
+    """Seconds the threads of a live process have spent runnable but waiting for a
+    core (the second field of each /proc/PID/task/TID/schedstat, in ns), summed."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # a thread that ended meanwhile
+    return total / 1e9
+
+
+def renice(pid: int, nice: int) -> None:
+    """Set the scheduling priority of every thread of a live process (Linux's
+    ``setpriority(PRIO_PROCESS, tid)`` applies to one thread)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(ProcessLookupError):
+            os.setpriority(os.PRIO_PROCESS, int(tid), nice)
+
+
 def proc_hwm(pid: int) -> int:
     """Peak resident set of a live process, in bytes."""
     with open(f"/proc/{pid}/status") as f:
@@ -310,6 +331,15 @@ class Child:
         if self.tree is not None and self.returncode is None:
             self._parts_seen = dict(self.tree.last_parts)
         return dict(self._parts_seen)
+
+    def runq_wait(self) -> float:
+        """Seconds the child's threads have waited for a core (0 once it is gone)."""
+        if self.returncode is not None:
+            return 0.0
+        try:
+            return proc_runq_wait(self.pid)
+        except OSError:
+            return 0.0
 
     def hwm(self) -> int:
         if self.tree is not None:

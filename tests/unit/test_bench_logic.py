@@ -11,7 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bench.hdr import Histogram
-from bench.prom import parse
+from bench.latency import stage_line, stage_summary
+from bench.prom import buckets, parse, quantile
 from bench.schedule import MIN_SIZE, Schedule, read_stamp, stamp
 from bench.sizing import parse_sizes, scaled_count
 
@@ -255,3 +256,53 @@ def test_stall_is_not_held_back_when_natsconn_kept_reading() -> None:
     assert r.read_while_stalled == 40 and r.reading_stopped and r.held_back is True
     r.samples[3]["messages_in"] = 400  # still reading late in the stall
     assert r.reading_stopped is False and r.held_back is False
+
+
+_STAGES = """\
+# TYPE natsconn_batch_stage_seconds histogram
+natsconn_batch_stage_seconds_bucket{pipeline="p",sink="s",stage="writing",le="0.001"} 10.0
+natsconn_batch_stage_seconds_bucket{pipeline="p",sink="s",stage="writing",le="0.002"} 90.0
+natsconn_batch_stage_seconds_bucket{pipeline="p",sink="s",stage="writing",le="0.01"} 100.0
+natsconn_batch_stage_seconds_bucket{pipeline="p",sink="s",stage="writing",le="+Inf"} 100.0
+natsconn_batch_stage_seconds_bucket{pipeline="p",sink="t",stage="writing",le="0.001"} 0.0
+natsconn_batch_stage_seconds_bucket{pipeline="p",sink="t",stage="writing",le="0.002"} 0.0
+natsconn_batch_stage_seconds_bucket{pipeline="p",sink="t",stage="writing",le="0.01"} 100.0
+natsconn_batch_stage_seconds_bucket{pipeline="p",sink="t",stage="writing",le="+Inf"} 100.0
+natsconn_batch_stage_seconds_bucket{pipeline="p",sink="s",stage="batching",le="0.001"} 0.0
+natsconn_batch_stage_seconds_bucket{pipeline="p",sink="s",stage="batching",le="0.002"} 0.0
+natsconn_batch_stage_seconds_bucket{pipeline="p",sink="s",stage="batching",le="0.01"} 0.0
+natsconn_batch_stage_seconds_bucket{pipeline="p",sink="s",stage="batching",le="+Inf"} 4.0
+natsconn_batch_stage_seconds_count{pipeline="p",sink="s",stage="writing"} 100.0
+natsconn_event_loop_lag_seconds_bucket{le="0.001"} 3.0
+natsconn_event_loop_lag_seconds_bucket{le="0.01"} 4.0
+natsconn_event_loop_lag_seconds_bucket{le="+Inf"} 4.0
+"""
+
+
+def test_histogram_buckets_are_summed_over_the_other_labels_and_kept_in_order() -> None:
+    got = buckets(_STAGES, "natsconn_batch_stage_seconds", "stage")
+    assert got["writing"] == [(0.001, 10.0), (0.002, 90.0), (0.01, 200.0),
+                              (math.inf, 200.0)]
+    assert set(got) == {"writing", "batching"}
+    assert buckets(_STAGES, "natsconn_event_loop_lag_seconds", "stage") == {
+        "": [(0.001, 3.0), (0.01, 4.0), (math.inf, 4.0)]}
+
+
+def test_quantile_interpolates_within_the_bucket_like_histogram_quantile() -> None:
+    cumulative = [(0.001, 10.0), (0.002, 90.0), (0.01, 100.0), (math.inf, 100.0)]
+    assert quantile(cumulative, 0.05) == pytest.approx(0.0005)  # 5 of the first 10
+    assert quantile(cumulative, 0.5) == pytest.approx(0.0015)  # 40 of 80 in (1, 2] ms
+    assert quantile(cumulative, 0.99) == pytest.approx(0.0092)  # 9 of 10 in (2, 10] ms
+    # all in +Inf: the last finite bound, as Prometheus answers
+    assert quantile([(0.01, 0.0), (math.inf, 4.0)], 0.5) == 0.01
+    assert quantile([(0.01, 0.0), (math.inf, 0.0)], 0.5) is None
+    assert quantile([], 0.5) is None
+
+
+def test_stage_summary_reads_the_stages_and_the_loop_lag_in_milliseconds() -> None:
+    got = stage_summary(_STAGES)
+    assert got["writing"]["count"] == 200.0
+    assert got["writing"]["p50_ms"] == pytest.approx(2 + 8 * (100 - 90) / 110)
+    assert got["loop_lag"]["p99_ms"] == pytest.approx(1 + 9 * (3.96 - 3))
+    assert stage_line(got) == (f"batching 10.0 / writing {got['writing']['p99_ms']:.1f} / "
+                               f"loop_lag {got['loop_lag']['p99_ms']:.1f} ms")
