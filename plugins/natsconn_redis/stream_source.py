@@ -151,6 +151,8 @@ class RedisStreamSource(Source[RedisStreamSourceConfig]):
         self._names = {s.encode(): s for s in cfg.streams}
         self._ready: deque[tuple[str, bytes, Message]] = deque()
         self._in_flight: set[tuple[str, bytes]] = set()
+        self._to_ack: _Ids = {}  # acknowledged, XACK not sent yet (see _ack)
+        self._acker: asyncio.Task[None] | None = None
         self._own: dict[str, str] = {s: "-" for s in cfg.streams}  # start-up recovery
         self._stale: dict[str, str] = {}  # cursors of the current stale scan
         self._next_scan = 0.0
@@ -425,17 +427,45 @@ class RedisStreamSource(Source[RedisStreamSourceConfig]):
                 in_flight.discard((stream, entry_id))
 
     async def _ack(self, ids: _Ids) -> None:
-        try:
-            pipe = self._r.pipeline(transaction=False)
-            for stream, entry_ids in ids.items():
-                pipe.execute_command("XACK", stream, self._group, *entry_ids)
-            async with self._link.deadline():
-                await pipe.execute()
-        except Exception as exc:
-            raise read_error(self._link, exc, "XACK") from None
-        finally:
-            # Unacknowledged ones stay pending and are claimed again after min_idle_time.
-            self._settled(ids)
+        """Queue the entries for the next XACK and return.
+
+        The engine settles the source batches of a written sink batch one after
+        another, and a sink batch may span dozens of reads: a round trip each
+        held the in-flight window for tens of milliseconds (``settling`` in
+        ``natsconn_batch_stage_seconds``). One XACK is in flight at a time and
+        carries everything acknowledged meanwhile. An XACK that fails leaves its
+        entries pending; they are claimed again after ``min_idle_time`` (at least
+        once), as when the process dies before acknowledging.
+        """
+        queued = self._to_ack
+        for stream, entry_ids in ids.items():
+            queued.setdefault(stream, []).extend(entry_ids)
+        if self._acker is None or self._acker.done():
+            self._acker = asyncio.create_task(self._send_acks(), name="redis-stream-xack")
+
+    async def _send_acks(self) -> None:
+        while self._to_ack:
+            ids, self._to_ack = self._to_ack, {}
+            try:
+                pipe = self._r.pipeline(transaction=False)
+                for stream, entry_ids in ids.items():
+                    pipe.execute_command("XACK", stream, self._group, *entry_ids)
+                async with self._link.deadline():
+                    await pipe.execute()
+            except Exception as exc:
+                self.context.logger.warning(
+                    "redis: XACK of %d entries failed; they stay pending and are claimed "
+                    "again after min_idle_time: %s", sum(map(len, ids.values())),
+                    read_error(self._link, exc, "XACK"))
+            finally:
+                self._settled(ids)
+
+    async def _flush_acks(self, timeout: float = 5.0) -> None:
+        """Wait for the queued XACKs (at close)."""
+        acker = self._acker
+        if acker is not None and not acker.done():
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(acker), timeout)
 
     async def _nack(self, ids: _Ids, delay: float) -> None:
         """Make the entries claimable ``delay`` seconds from now, by anyone."""
@@ -458,6 +488,8 @@ class RedisStreamSource(Source[RedisStreamSourceConfig]):
             raise read_error(self._link, exc, "XCLAIM") from None
 
     async def close(self) -> None:
+        if getattr(self, "_acker", None) is not None:
+            await self._flush_acks()
         keeper = getattr(self, "_keeper", None)
         if keeper is not None:
             keeper.cancel()

@@ -205,3 +205,25 @@ async def test_a_dead_letter_stream_that_cannot_be_written_keeps_the_entry_pendi
         await third.close()
     assert await pending(r, stream, "g") == 0
     assert await r.xlen(f"{stream}:dead-letter") == 1
+
+
+async def test_acks_of_batches_settled_one_after_another_share_one_xack(
+        r: aioredis.Redis, redis_address: tuple[str, int], unique: str) -> None:
+    """The engine settles the reads of a written batch one after another; each
+    ack returns at once and one XACK carries them all, so settling costs no round
+    trip per read. Nothing stays pending once the source is closed."""
+    stream = f"it:{unique}:acks"
+    await fill_stream(r, stream, 200)
+    source = await _open(_source(redis_address, stream))
+    try:
+        batches = await collect_batches(source, 200, 10, max_messages=10)
+        assert len(batches) == 20 and sum(len(b.messages) for b in batches) == 200
+        assert await pending(r, stream, "g") == 200
+        before = (await r.info("commandstats")).get("cmdstat_xack", {}).get("calls", 0)
+        for batch in batches:
+            await batch.ack.ack()
+    finally:
+        await source.close()
+    after = (await r.info("commandstats"))["cmdstat_xack"]["calls"]
+    assert after - before <= 2, f"{after - before} XACKs for 20 acknowledged reads"
+    assert await pending(r, stream, "g") == 0
