@@ -18,6 +18,7 @@ from bench import report
 from bench.model import Params, Sample, Stats, compare
 from bench.registry import PAIRS, Pair, load_all
 from bench.runner import Measured, PairResult, keep_quietest
+from connector import EndOfInput
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -79,6 +80,23 @@ async def test_generate_random_payloads_are_unchanged() -> None:
     assert first.data[:12] == b"000000000000" and second.data[:12] == b"000000000001"
     assert len(first.data) == 40 and first.data[12:] == second.data[12:]
     assert second.subject == "s.1.1"
+
+
+async def test_generate_keys_ids_headers_and_a_constant_subject_across_reads() -> None:
+    source = GenerateSource(GenerateConfig(size=16, count=5, subject="const", key="k-{mod}",
+                                           modulo=2, headers={"h": "v"}))
+    await source.connect()
+    first = await source.read_batch(3, 0.01)
+    second = await source.read_batch(3, 0.01)
+    assert first is not None and second is not None
+    messages = first.messages + second.messages
+    assert [m.data[:12] for m in messages] == [b"%012d" % i for i in range(5)]
+    assert [m.key for m in messages] == [b"k-0", b"k-1", b"k-0", b"k-1", b"k-0"]
+    assert [m.id for m in messages] == [f"gen-{i}" for i in range(5)]
+    assert {m.subject for m in messages} == {"const"}
+    assert all(m.headers == {"h": "v"} and m.timestamp for m in messages)
+    with pytest.raises(EndOfInput):
+        await source.read_batch(3, 0.01)
 
 
 # ------------------------------------------------------------------ variants
