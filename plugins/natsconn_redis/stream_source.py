@@ -2,7 +2,8 @@
 
 Delivery is at least once. An entry is read with XREADGROUP (COUNT and BLOCK
 from the engine's batch policy) and acknowledged with XACK only once the sink
-confirmed it, one pipelined round trip per batch.
+confirmed it. An ack returns at once: one XACK pipeline at a time carries
+every batch acknowledged meanwhile (a sink batch settles many reads).
 
 Entries that stay pending are taken back, so nothing read is lost when a
 replica dies:
