@@ -141,6 +141,7 @@ class SinkMetrics:
         self.retries = SINK_RETRIES.labels(pipeline, sink)
         self.dead_lettered = SINK_DEAD_LETTERED.labels(pipeline, sink)
         self.queued = SINK_QUEUED.labels(pipeline, sink)
+        # Stage children; ``waiting`` is the stage "queued" (``queued`` is the gauge).
         self.batching, self.waiting, self.writing, self.settling, self.total = (
             BATCH_STAGE_SECONDS.labels(pipeline, sink, stage) for stage in STAGES)
 
