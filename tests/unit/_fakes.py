@@ -143,6 +143,15 @@ class FakeSource(Source[FakeSourceConfig]):
 Behaviour = Callable[[Sequence[Message], int], Awaitable[None]]
 
 
+def takes(seconds: float) -> Behaviour:
+    """A sink behaviour: every write attempt takes ``seconds``."""
+
+    async def slow(_messages: Sequence[Message], _attempt: int) -> None:
+        await asyncio.sleep(seconds)
+
+    return slow
+
+
 class FakeSinkConfig(PluginConfig):
     key: str = ""
 

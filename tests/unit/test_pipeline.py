@@ -14,7 +14,7 @@ from connector import Message, PartialWriteError, RejectedError, RetryableError
 from connector.engine import Pipeline, PipelineState
 from connector.ops.metrics import REGISTRY as METRICS
 
-from ._fakes import FakeSink, FakeSource, make_pipeline, msg, until
+from ._fakes import FakeSink, FakeSource, make_pipeline, msg, takes, until
 
 
 def parts(pipe: Pipeline) -> tuple[FakeSource, FakeSink]:
@@ -87,10 +87,7 @@ async def test_max_in_flight_bounds_concurrent_writes() -> None:
     pipe = make_pipeline(batch={"max_messages": 5, "max_wait": "1ms"}, max_in_flight=3)
     source, sink = parts(pipe)
 
-    async def slow(messages: Sequence[Message], attempt: int) -> None:
-        await asyncio.sleep(0.005)
-
-    sink.behaviour = slow
+    sink.behaviour = takes(0.005)
     for b in range(20):
         source.feed([msg(b * 5 + i) for i in range(5)])
     await finish(pipe)
@@ -158,10 +155,7 @@ async def test_in_progress_is_signalled_during_a_long_write() -> None:
                          in_progress_interval="5ms")
     source, sink = parts(pipe)
 
-    async def slow(messages: Sequence[Message], attempt: int) -> None:
-        await asyncio.sleep(0.05)
-
-    sink.behaviour = slow
+    sink.behaviour = takes(0.05)
     ack = source.feed([msg(0), msg(1)])
     await finish(pipe)
     kinds = [c[0] for c in ack.calls]
@@ -440,10 +434,7 @@ async def test_stop_finishes_in_flight_writes_and_acks_them() -> None:
     pipe = make_pipeline(batch={"max_messages": 2, "max_wait": "1ms"}, max_in_flight=2)
     source, sink = parts(pipe)
 
-    async def slow(messages: Sequence[Message], attempt: int) -> None:
-        await asyncio.sleep(0.03)
-
-    sink.behaviour = slow
+    sink.behaviour = takes(0.03)
     task = asyncio.create_task(pipe.run())
     acks = [source.feed([msg(2 * b), msg(2 * b + 1)]) for b in range(2)]
     await until(lambda: sink.active == 2)
@@ -732,10 +723,7 @@ async def test_stage_histograms_say_where_each_batch_waited() -> None:
     pipe = make_pipeline(batch={"max_messages": 5, "max_wait": "40ms"}, max_in_flight=1)
     source, sink = parts(pipe)
 
-    async def slow(_messages: Sequence[Message], _attempt: int) -> None:
-        await asyncio.sleep(0.03)
-
-    sink.behaviour = slow
+    sink.behaviour = takes(0.03)
     task = asyncio.create_task(pipe.run())
     for first, n in ((0, 5), (5, 5), (10, 2)):
         source.feed([msg(first + i) for i in range(n)])
