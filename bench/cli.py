@@ -65,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-warmup", action="store_true", help="skip the warm-up run")
     run.add_argument("--pipeline-only", action="store_true",
                      help="skip the raw legs (for comparing natsconn changes; no ratios)")
+    run.add_argument("--tree", help="measure the natsconn of another checkout (a directory "
+                     "with its connector/ and plugins/, e.g. `git worktree add /tmp/old "
+                     "REV`) against this tree's raw legs: an A/B of natsconn versions")
     run.add_argument("--workers", help="comma-separated worker counts, e.g. 1,2,4: each "
                      "pipeline runs as `natsconn run --workers N` for every N (the raw legs "
                      "once); CPU is the parent's plus every worker's. Default: `natsconn "
@@ -157,6 +160,7 @@ def _parser() -> argparse.ArgumentParser:
     prof.add_argument("--rate", type=int, default=200, help="py-spy samples per second "
                       "(default 200; more samples, more slowdown)")
     prof.add_argument("--no-start", action="store_true")
+    prof.add_argument("--tree", help="profile another checkout's natsconn (as for run)")
     prof.add_argument("--out", help="keep the collapsed stacks here (default "
                       "bench/results/profile-<pair>-<size>.txt)")
     return top
@@ -252,6 +256,18 @@ def _loop(choice: str | None) -> str:
     return "uvloop"
 
 
+def _tree(text: str | None) -> Path | None:
+    """``--tree``: a checkout whose natsconn is measured instead of this one's."""
+    if text is None:
+        return None
+    tree = Path(text).resolve()
+    missing = [d for d in ("connector", "plugins") if not (tree / d).is_dir()]
+    if missing:
+        raise BenchError(f"--tree {text}: expected a natsconn checkout, found no "
+                         f"{' and no '.join(d + '/' for d in missing)} in {tree}")
+    return tree
+
+
 def _run(args: argparse.Namespace) -> int:
     from . import report
 
@@ -271,7 +287,7 @@ def _run(args: argparse.Namespace) -> int:
         storage=args.storage,
         loop=_loop(args.loop), noise=args.noise, env=_service_env(),
         raw_legs=not args.pipeline_only, workers=workers,
-        bridge_terms=args.go_bridge_terms, pace=args.pace,
+        bridge_terms=args.go_bridge_terms, pace=args.pace, tree=_tree(args.tree),
     )
     if args.quick:
         opts.max_extra = 0
@@ -369,7 +385,7 @@ def _profile(args: argparse.Namespace) -> int:
     if not args.no_start:
         _start_services([pair])
     opts = Options(pairs=[pair], sizes=[args.size], runs=1, warmup=False, count=args.count,
-                   loop=_loop(None), env=_service_env())
+                   loop=_loop(None), env=_service_env(), tree=_tree(args.tree))
     out = Path(args.out) if args.out else (
         REPO / "bench" / "results" / f"profile-{pair.source}-{pair.sink}-{args.size}.txt")
     out.parent.mkdir(parents=True, exist_ok=True)

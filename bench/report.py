@@ -29,12 +29,12 @@ def _cpu_model() -> str:
     return platform.processor() or "?"
 
 
-def _git() -> str:
+def _git(where: Path = REPO) -> str:
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=where,
                               capture_output=True, text=True, check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--", "connector", "plugins",
-                                "bench"], cwd=REPO, capture_output=True, text=True,
+                                "bench"], cwd=where, capture_output=True, text=True,
                                check=True).stdout.strip()
         return head + (" (+ uncommitted changes)" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
@@ -49,6 +49,8 @@ def conditions(opts: Options, described: dict[str, str], started: float,
     return {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(started)),
         "git": _git(),
+        **({"natsconn_measured": f"{opts.tree} at {_git(opts.tree)} (--tree)"}
+           if opts.tree is not None else {}),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "cpu": _cpu_model(),

@@ -77,6 +77,9 @@ class Options:
     bridge_terms: bool = False  # live-fed pairs: the Go-bridge comparison's figures too
     pace: float = 0.0  # live feeds' rate, msg/s (0: full speed)
     env: dict[str, str] = field(default_factory=dict)
+    # The natsconn measured: another checkout's connector/ and plugins/ (an A/B of
+    # natsconn versions against this harness's raw legs); None: this tree's.
+    tree: Path | None = None
 
 
 @dataclass(slots=True)
@@ -447,6 +450,10 @@ class Harness:
         return uuid.uuid4().hex[:10]
 
     def _worker_argv(self, spec: dict[str, Any]) -> list[str]:
+        if spec["mode"] == "engine" and self.opts.tree is not None:
+            # -P: no script directory first on sys.path, so PYTHONPATH decides which
+            # connector/ the engine imports (bench/ comes from this tree after it).
+            return [sys.executable, "-P", "-m", "bench.worker", json.dumps(spec)]
         return [sys.executable, "-m", "bench.worker", json.dumps(spec)]
 
     async def _worker(self, spec: dict[str, Any],
@@ -464,7 +471,8 @@ class Harness:
         """A worker's RESULT as JSON, its whole-life CPU, and what ``on_ready`` (started
         when the worker says READY: a feed, a sender) returned."""
         spec = {"env": self.opts.env, "loop": self.opts.loop, **spec}
-        child = Child(self._worker_argv(spec), env=self._child_env(), cwd=str(REPO))
+        child = Child(self._worker_argv(spec), env=self._child_env(spec["mode"] == "engine"),
+                      cwd=str(REPO))
         recorder = (Recorder(child.pid, profile, self.profile_rate) if profile is not None
                     else None)
         result: dict[str, Any] | None = None
@@ -495,12 +503,17 @@ class Harness:
                              f"\n{child.stderr_tail()}")
         return result, child.cpu_total, fed
 
-    def _child_env(self) -> dict[str, str]:
+    def _child_env(self, natsconn: bool = False) -> dict[str, str]:
+        """The environment of a child; ``natsconn``: it runs the natsconn measured
+        (``--tree``'s code first when given)."""
         env = dict(os.environ)
         env.update(self.opts.env)
         # The code of this tree, even when another checkout is installed in the venv.
-        env["PYTHONPATH"] = os.pathsep.join(
-            [str(REPO), str(REPO / "plugins"), env.get("PYTHONPATH", "")])
+        paths = [str(REPO), str(REPO / "plugins")]
+        tree = self.opts.tree
+        if natsconn and tree is not None:
+            paths = [str(tree), str(tree / "plugins"), *paths]
+        env["PYTHONPATH"] = os.pathsep.join([*paths, env.get("PYTHONPATH", "")])
         return env
 
     async def _produce(self, ep: Endpoint, place: Place, params: Params,
@@ -672,8 +685,11 @@ class Harness:
         path = self._tmp / f"{tag}.yaml"
         path.write_text(json.dumps(config, indent=1))
         workers = ["--workers", str(params.workers)] if params.workers else []
+        # cwd: first on sys.path, the workers' too (they are started with -m)
+        cwd = self.opts.tree or REPO
         child = Child([sys.executable, "-m", "connector.cli", "run", str(path), *workers],
-                      env=self._child_env(), cwd=str(REPO), tree=bool(params.workers))
+                      env=self._child_env(natsconn=True), cwd=str(cwd),
+                      tree=bool(params.workers))
         try:
             await self._wait_ready(child, port)
         except BaseException:

@@ -52,3 +52,24 @@ def test_bad_sizes_are_a_clear_error() -> None:
     result = _bench("run", "--sizes", "128,big", "--no-start", "--pairs", "generate:drop")
     assert result.returncode == 1
     assert "not a message size: 'big'" in result.stderr
+
+
+def test_tree_that_is_not_a_checkout_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "connector").mkdir()
+    result = _bench("run", "--pairs", "generate:drop", "--no-start", "--tree", str(tmp_path))
+    assert result.returncode == 1
+    assert f"--tree {tmp_path}: expected a natsconn checkout, found no plugins/" in result.stderr
+
+
+def test_tree_puts_the_other_checkout_first_for_natsconn_only(tmp_path: Path) -> None:
+    from bench.runner import Harness, Options
+
+    harness = Harness(Options(pairs=[], sizes=[128], tree=tmp_path))
+    measured = harness._child_env(natsconn=True)["PYTHONPATH"].split(":")
+    assert measured[:3] == [str(tmp_path), str(tmp_path / "plugins"), str(REPO)]
+    legs = harness._child_env()["PYTHONPATH"].split(":")
+    assert str(tmp_path) not in legs and legs[0] == str(REPO)
+    # the engine's worker must not put this tree's directory ahead of PYTHONPATH
+    assert harness._worker_argv({"mode": "engine"})[1] == "-P"
+    assert "-P" not in harness._worker_argv({"mode": "consume"})
+    assert "-P" not in Harness(Options(pairs=[], sizes=[128]))._worker_argv({"mode": "engine"})
