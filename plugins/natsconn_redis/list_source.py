@@ -4,7 +4,8 @@ Delivery is at least once. Each element is moved atomically from the queue
 into this consumer's own processing list (LMOVE/BLMOVE), and removed from
 there (LREM) only once the sink confirmed it. A batch is moved by one Lua
 call, so a read costs one round trip; when the queue is empty the read blocks
-on BLMOVE for at most the engine's wait.
+on BLMOVE for at most the engine's wait. An ack returns at once: one LREM
+pipeline at a time carries every batch acknowledged meanwhile (acks.py).
 
 Nothing moved is lost:
 
@@ -34,6 +35,7 @@ from pydantic import Field, field_validator, model_validator
 
 from connector import Batch, ConnectorError, Duration, Message, PluginConfig, Source
 
+from .acks import AckQueue
 from .connection import RedisConnectionConfig, RedisLink, open_link, read_error, same_slot
 from .list_sink import Side
 
@@ -161,6 +163,8 @@ class RedisListSource(Source[RedisListSourceConfig]):
         self._move_some = r.register_script(_MOVE_SOME)
         self._return_all = r.register_script(_RETURN_ALL)
         self._nack_script = r.register_script(_NACK)
+        self._acks: AckQueue[bytes] = AckQueue(self._send_removals, "redis-list-lrem",
+                                               self.context.logger)
         try:
             await self._beat()
             async with self._link.deadline():
@@ -274,6 +278,10 @@ class RedisListSource(Source[RedisListSourceConfig]):
     # -- acknowledging ----------------------------------------------------------
 
     async def _remove(self, values: Sequence[bytes]) -> None:
+        """Queue the values for the next LREM pipeline and return (see acks.py)."""
+        self._acks.add(values)
+
+    async def _send_removals(self, values: list[bytes]) -> None:
         try:
             pipe = self._r.pipeline(transaction=False)
             for v in values:
@@ -281,7 +289,13 @@ class RedisListSource(Source[RedisListSourceConfig]):
             async with self._link.deadline():
                 await pipe.execute()
         except Exception as exc:
-            raise read_error(self._link, exc, f"LREM from {self._processing!r}") from None
+            # They stay in the processing list: the next start of this consumer, or
+            # another's orphan scan once this one stops beating, puts them back.
+            self.context.logger.warning(
+                "redis: LREM of %d element(s) from %s failed; they stay there and go back "
+                "to %s when this consumer restarts or is found dead: %s", len(values),
+                self._processing, self.config.key,
+                read_error(self._link, exc, f"LREM from {self._processing!r}"))
 
     async def _give_back(self, values: Sequence[bytes]) -> None:
         try:
@@ -297,6 +311,7 @@ class RedisListSource(Source[RedisListSourceConfig]):
         if task is None or link is None:
             return  # never connected, connect failed (and cleaned up), or closed
         self._task = None
+        await self._acks.flush(5.0)  # before the processing list is given up
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await task

@@ -46,6 +46,7 @@ from redis.exceptions import ResponseError
 
 from connector import Batch, ConnectorError, Duration, Message, PluginConfig, RetryableError, Source
 
+from .acks import AckQueue
 from .connection import RedisConnectionConfig, RedisLink, open_link, read_error, same_slot
 from .fields import EntryDecoder, FieldMapping
 
@@ -152,8 +153,9 @@ class RedisStreamSource(Source[RedisStreamSourceConfig]):
         self._names = {s.encode(): s for s in cfg.streams}
         self._ready: deque[tuple[str, bytes, Message]] = deque()
         self._in_flight: set[tuple[str, bytes]] = set()
-        self._to_ack: _Ids = {}  # acknowledged, XACK not sent yet (see _ack)
-        self._acker: asyncio.Task[None] | None = None
+        # acknowledged, XACK not sent yet: (stream, entry id), see acks.py
+        self._acks: AckQueue[tuple[str, bytes]] = AckQueue(
+            self._send_acks, "redis-stream-xack", self.context.logger)
         self._own: dict[str, str] = {s: "-" for s in cfg.streams}  # start-up recovery
         self._stale: dict[str, str] = {}  # cursors of the current stale scan
         self._next_scan = 0.0
@@ -428,45 +430,28 @@ class RedisStreamSource(Source[RedisStreamSourceConfig]):
                 in_flight.discard((stream, entry_id))
 
     async def _ack(self, ids: _Ids) -> None:
-        """Queue the entries for the next XACK and return.
+        """Queue the entries for the next XACK and return (see acks.py). An XACK
+        that fails leaves its entries pending; they are claimed again after
+        ``min_idle_time`` (at least once), as when the process dies before
+        acknowledging."""
+        self._acks.add((stream, e) for stream, entry_ids in ids.items() for e in entry_ids)
 
-        The engine settles the source batches of a written sink batch one after
-        another, and a sink batch may span dozens of reads: a round trip each
-        held the in-flight window for tens of milliseconds (``settling`` in
-        ``natsconn_batch_stage_seconds``). One XACK is in flight at a time and
-        carries everything acknowledged meanwhile. An XACK that fails leaves its
-        entries pending; they are claimed again after ``min_idle_time`` (at least
-        once), as when the process dies before acknowledging.
-        """
-        queued = self._to_ack
-        for stream, entry_ids in ids.items():
-            queued.setdefault(stream, []).extend(entry_ids)
-        if self._acker is None or self._acker.done():
-            self._acker = asyncio.create_task(self._send_acks(), name="redis-stream-xack")
-
-    async def _send_acks(self) -> None:
-        while self._to_ack:
-            ids, self._to_ack = self._to_ack, {}
-            try:
-                pipe = self._r.pipeline(transaction=False)
-                for stream, entry_ids in ids.items():
-                    pipe.execute_command("XACK", stream, self._group, *entry_ids)
-                async with self._link.deadline():
-                    await pipe.execute()
-            except Exception as exc:
-                self.context.logger.warning(
-                    "redis: XACK of %d entries failed; they stay pending and are claimed "
-                    "again after min_idle_time: %s", sum(map(len, ids.values())),
-                    read_error(self._link, exc, "XACK"))
-            finally:
-                self._settled(ids)
-
-    async def _flush_acks(self, timeout: float = 5.0) -> None:
-        """Wait for the queued XACKs (at close)."""
-        acker = self._acker
-        if acker is not None and not acker.done():
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(asyncio.shield(acker), timeout)
+    async def _send_acks(self, lot: list[tuple[str, bytes]]) -> None:
+        ids: _Ids = {}
+        for stream, entry_id in lot:
+            ids.setdefault(stream, []).append(entry_id)
+        try:
+            pipe = self._r.pipeline(transaction=False)
+            for stream, entry_ids in ids.items():
+                pipe.execute_command("XACK", stream, self._group, *entry_ids)
+            async with self._link.deadline():
+                await pipe.execute()
+        except Exception as exc:
+            self.context.logger.warning(
+                "redis: XACK of %d entries failed; they stay pending and are claimed "
+                "again after min_idle_time: %s", len(lot), read_error(self._link, exc, "XACK"))
+        finally:
+            self._settled(ids)
 
     async def _nack(self, ids: _Ids, delay: float) -> None:
         """Make the entries claimable ``delay`` seconds from now, by anyone."""
@@ -489,8 +474,9 @@ class RedisStreamSource(Source[RedisStreamSourceConfig]):
             raise read_error(self._link, exc, "XCLAIM") from None
 
     async def close(self) -> None:
-        if getattr(self, "_acker", None) is not None:
-            await self._flush_acks()
+        acks = getattr(self, "_acks", None)
+        if acks is not None:
+            await acks.flush(5.0)
         keeper = getattr(self, "_keeper", None)
         if keeper is not None:
             keeper.cancel()

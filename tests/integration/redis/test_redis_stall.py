@@ -123,9 +123,7 @@ async def test_stalled_server_fails_reads_and_acks_then_nothing_is_lost(
         proxy.stall()
         started = time.monotonic()
         await asyncio.wait_for(first.ack.ack(), 1.0)  # queued for the next XACK
-        acker = source._acker
-        assert acker is not None
-        await asyncio.wait_for(acker, TIMEOUT + 10)
+        await asyncio.wait_for(source._acks.sent(), TIMEOUT + 10)
         assert time.monotonic() - started < TIMEOUT + SLACK
         assert "XACK of 100 entries failed" in caplog.text
         block = 0.5
