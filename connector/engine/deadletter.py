@@ -54,7 +54,9 @@ class DeadLetter:
                           self._metrics, self._log, sink_name, counter, distinct)
 
     def letter(self, m: Message, error: Exception, attempts: int, kind: str) -> Message:
-        headers = dict(m.headers)
+        # A header that is not UTF-8 (bytes from Kafka or Redis, as lone surrogates)
+        # may be why the sink refused the message; the letter carries it escaped.
+        headers = {carriable(k): carriable(v) for k, v in m.headers.items()}
         headers[H_ERROR] = header_safe(str(error) or type(error).__name__)
         headers[H_ERROR_KIND] = kind
         headers[H_ATTEMPTS] = str(attempts)
@@ -62,7 +64,7 @@ class DeadLetter:
         if self._sink_name is not None:
             headers[H_SINK] = self._sink_name
         if m.subject is not None:
-            headers[H_SUBJECT] = m.subject
+            headers[H_SUBJECT] = carriable(m.subject)
         if m.id is not None:
             headers[H_SOURCE_ID] = m.id
         letter_id = m.id
@@ -140,4 +142,18 @@ class DeadLetter:
 
 def header_safe(text: str) -> str:
     """Header values are one line."""
-    return " ".join(text.split())[:1000]
+    return carriable(" ".join(text.split())[:1000])
+
+
+def carriable(text: str) -> str:
+    """``text`` as UTF-8 any target can carry: bytes that are not UTF-8, which the
+    Kafka and Redis sources keep as lone surrogates, become ``\\xff`` escapes."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate no decoder made: U+D800 written as \ud800
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")

@@ -85,6 +85,9 @@ except ImportError:  # pragma: no cover - hiredis comes with the redis extra
 T = TypeVar("T")
 
 _URL_SCHEMES = ("redis", "rediss", "unix")
+# How bytes that are not UTF-8 become text and back, both ways, as for Kafka's
+# headers: a lone surrogate per such byte, so nothing is replaced or lost.
+TEXT_ERRORS = "surrogateescape"
 # Error codes after which the same command may well succeed later.
 _TRANSIENT_CODES = frozenset({
     "BUSY", "CLUSTERDOWN", "LOADING", "MASTERDOWN", "MISCONF", "NOREPLICAS", "OOM",
@@ -366,6 +369,9 @@ def _make_cluster(config: RedisConnectionConfig, context: PluginContext,
         "client_name": config.client_name or _client_name(context),
         "retry": Retry(backoff, reconnect.attempts),
         "decode_responses": False,
+        # natsconn's text (subjects, headers) holds bytes that are not UTF-8 as lone
+        # surrogates (a Kafka header, a Redis field): they go back as those bytes.
+        "encoding_errors": TEXT_ERRORS,
         "protocol": 2,
     }
     if config.username:
@@ -415,6 +421,7 @@ def _make_client(config: RedisConnectionConfig, context: PluginContext,
         "client_name": config.client_name or _client_name(context),
         "retry": _WatchedRetry(link, config.reconnect),
         "decode_responses": False,
+        "encoding_errors": TEXT_ERRORS,  # as for the cluster, above
         "protocol": 2,
     }
     if config.username:
@@ -468,7 +475,9 @@ def _packing(base: type[AbstractConnection]) -> type[AbstractConnection]:
                 args = (*first.split(), *args[1:])
             try:
                 return [pack(args)]
-            except TypeError:
+            except (TypeError, UnicodeEncodeError):
+                # hiredis encodes text strictly; redis-py with encoding_errors
+                # (surrogateescape) writes a lone surrogate back as its byte
                 return super().pack_command(*args)  # type: ignore[no-any-return]
 
         def pack_commands(self, commands: Any) -> list[bytes]:

@@ -9,9 +9,12 @@ An entry written by the ``redis_stream`` sink, with the default names::
 
 The ``redis_stream`` source reads it back the same way: ``data`` (missing: empty
 data), ``subject`` (missing: the stream's name), ``key``, and every other field
-as a header (the prefix stripped where present). Header names and values are
-text; bytes that are not UTF-8 are replaced (U+FFFD). Set a field name to null
-to leave that part out.
+as a header (the prefix stripped where present). Header names and values and
+the subject are text: bytes that are not UTF-8 are kept as lone surrogates
+(``surrogateescape``, as the Kafka plugins do), so a Redis or Kafka sink writes
+them back byte for byte, and a NATS sink, which cannot carry them, rejects the
+message (dead letter, with the reason) instead of receiving altered text. Set a
+field name to null to leave that part out.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from collections.abc import Mapping
 from pydantic import Field, model_validator
 
 from connector import Message, PluginConfig, RejectedError
+
+from .connection import TEXT_ERRORS
 
 
 class FieldMapping(PluginConfig):
@@ -61,17 +66,17 @@ class EntryDecoder:
         if not fields:
             headers = {}
         elif not self._prefix:
-            headers = {k.decode("utf-8", "replace"): v.decode("utf-8", "replace")
+            headers = {k.decode("utf-8", TEXT_ERRORS): v.decode("utf-8", TEXT_ERRORS)
                        for k, v in fields.items()}
         else:
             prefix, cut = self._prefix, len(self._prefix)
-            headers = {(k[cut:] if k.startswith(prefix) else k).decode("utf-8", "replace"):
-                       v.decode("utf-8", "replace") for k, v in fields.items()}
+            headers = {(k[cut:] if k.startswith(prefix) else k).decode("utf-8", TEXT_ERRORS):
+                       v.decode("utf-8", TEXT_ERRORS) for k, v in fields.items()}
         if extra:
             headers.update(extra)
         ms = entry_id[:entry_id.find("-")]
         return Message(data,
-                       raw_subject.decode("utf-8", "replace") if raw_subject else stream,
+                       raw_subject.decode("utf-8", TEXT_ERRORS) if raw_subject else stream,
                        key, headers, int(ms) / 1000 if ms.isdigit() else None,
                        f"{stream}:{entry_id}")
 

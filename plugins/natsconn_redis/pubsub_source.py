@@ -27,7 +27,7 @@ from redis.exceptions import ConnectionError
 
 from connector import Batch, Duration, Message, PushBuffer, Source
 
-from .connection import RedisConnectionConfig, RedisLink, connect_error, open_link
+from .connection import TEXT_ERRORS, RedisConnectionConfig, RedisLink, connect_error, open_link
 
 _DATA = {"message", "pmessage"}
 _CONFIRM = {"subscribe", "psubscribe"}
@@ -97,7 +97,7 @@ class RedisPubSubSource(Source[RedisPubSubSourceConfig]):
                     self._deliver(reply)
         except BaseException:
             with contextlib.suppress(Exception):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+                await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]  # typed from redis-py 8.2
             raise
         return pubsub
 
@@ -111,7 +111,7 @@ class RedisPubSubSource(Source[RedisPubSubSourceConfig]):
         channel = reply["channel"]
         data = reply["data"]
         buffer.push(Message(data if isinstance(data, bytes) else str(data).encode(),
-                            channel.decode("utf-8", "replace"), None, {}, time.time()))
+                            channel.decode("utf-8", TEXT_ERRORS), None, {}, time.time()))
 
     def _report_overflow(self) -> None:
         if self._overflow:
@@ -137,7 +137,7 @@ class RedisPubSubSource(Source[RedisPubSubSourceConfig]):
                 self._pubsub = None
                 if pubsub is not None:
                     with contextlib.suppress(Exception):
-                        await pubsub.aclose()  # type: ignore[no-untyped-call]
+                        await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]  # typed from redis-py 8.2
                 await asyncio.sleep(wait)
                 wait = min(cfg.reconnect.max_backoff, max(wait * 2, 0.01))
 

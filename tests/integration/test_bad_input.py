@@ -213,3 +213,48 @@ async def test_huge_header_and_non_utf8_key_are_dead_lettered(
     assert "key is not valid UTF-8" in reasons[bad_key], reasons
     good = sorted(seq_of(m.data) for m in await read_stream(nc, stream))
     assert good == [i for i in range(n) if i not in (big, bad_key)]
+
+
+# ------------------------------------------------------------ Redis entries
+
+
+async def test_redis_header_that_is_not_utf8_is_dead_lettered_by_a_nats_sink(
+        nc: NATS, nats_url: str, redis_url: str, unique: str, tmp_path: Path) -> None:
+    """A Redis stream entry with a header field that is not UTF-8 reaches the
+    JetStream sink as text NATS cannot carry: that one message is dead-lettered
+    with the reason and the header escaped (so that the NATS dead-letter target
+    can carry it), and the rest are stored. Before: the source replaced the bytes
+    with U+FFFD and the sink stored altered headers without a word."""
+    src, stream, dlq, n, bad = f"badr:{unique}", f"BADR_{unique}", f"badrdl.{unique}", 50, 20
+    r = aioredis.Redis.from_url(redis_url)
+    try:
+        for i in range(n):
+            value = b"\xff\xfe" if i == bad else b"%d" % i
+            await r.xadd(src, {b"data": payload(i), b"h": value})
+    finally:
+        await r.aclose()
+    await create_stream(nc, stream, [f"badr.{unique}"])
+    letters = await Collector.subscribe(nc, dlq)
+    file = pipeline_file(tmp_path, [{
+        "name": f"badr-{unique}",
+        "source": {"type": "redis_stream", "url": redis_url, "streams": [src], "group": "g"},
+        "sink": {"type": "jetstream", "servers": [nats_url], "subject": f"badr.{unique}"},
+        "dead_letter": {"type": "nats", "servers": [nats_url], "subject": dlq},
+    }])
+    async with run_in_process(file) as supervisor:
+        await wait_ready_in_process(supervisor, 60)
+        await letters.wait_for(1, timeout=60)
+
+        async def all_good() -> bool:
+            info = await nc.jetstream().stream_info(stream)
+            return int(info.state.messages) >= n - 1
+
+        await wait_until(all_good, 60, f"{n - 1} messages in {stream}")
+        await asyncio.sleep(1)
+    [letter] = letters.messages
+    assert seq_of(letter.data) == bad
+    assert "header NATS cannot carry" in (letter.headers or {}).get("Natsconn-Error", "")
+    assert (letter.headers or {}).get("h") == "\\xff\\xfe"
+    stored = await read_stream(nc, stream)
+    assert sorted(seq_of(m.data) for m in stored) == [i for i in range(n) if i != bad]
+    assert all((m.headers or {}).get("h") == str(seq_of(m.data)) for m in stored)

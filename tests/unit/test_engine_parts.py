@@ -169,3 +169,15 @@ def test_buffer_age_bounds_the_oldest_unread_message() -> None:
     assert age.oldest_wait(5.5) == 1.5
     age.taken = 8  # all read
     assert age.oldest_wait(9.0) == 0.0
+
+
+def test_letter_text_that_is_not_utf8_is_escaped_so_any_target_carries_it() -> None:
+    from connector.engine.deadletter import carriable, header_safe
+
+    raw = b"\xff\xfe".decode("utf-8", "surrogateescape")  # as Kafka and Redis read it
+    assert carriable("plain é") == "plain é"
+    assert carriable(raw) == "\\xff\\xfe"
+    assert carriable("a\ud800b") == "a\\ud800b"  # a surrogate no decoder made
+    for text in (carriable(raw), carriable("a\ud800b"), header_safe(f"bad {raw}\nline")):
+        text.encode("utf-8")  # strict: what a NATS header needs
+    assert header_safe(f"bad {raw}\nline") == "bad \\xff\\xfe line"

@@ -164,3 +164,38 @@ async def test_create_stream_false_rejects_what_has_no_stream(
     assert "does not exist" in str(caught.value.failed[1])
     assert await r.exists(f"it:{unique}:missing") == 0
     assert await r.xlen(f"it:{unique}:exists") == 2
+
+
+async def test_bytes_that_are_not_utf8_go_through_redis_byte_for_byte(
+        r: aioredis.Redis, redis_address: tuple[str, int], unique: str) -> None:
+    """A stream entry whose subject and header fields are not UTF-8 is read as
+    text holding lone surrogates (surrogateescape, as the Kafka source reads a
+    binary header) and written back as the very same bytes. Before: the source
+    replaced them with U+FFFD, and a Kafka binary header made the sink's write
+    fail with a UnicodeEncodeError, retried for ever."""
+    from natsconn_redis.stream_source import RedisStreamSource
+
+    from connector.testing.kit import collect
+
+    src, dst = f"it:{unique}:raw-in", f"it:{unique}:raw-out"
+    raw = {b"data": b"\x00\xff payload", b"subject": b"orders.\xff",
+           b"h": b"\xff\xfe", b"name\xc3": b"ok", b"text": "é".encode()}
+    await r.xadd(src, raw)  # type: ignore[arg-type]
+    source = RedisStreamSource.make_test_instance(**at(redis_address), streams=[src],
+                                                  group="g", consumer="c1")
+    sink = RedisStreamSink.make_test_instance(**at(redis_address), stream=dst)
+    await source.connect()
+    await sink.connect()
+    try:
+        [m] = await collect(source, 1, 10)
+        assert m.subject == "orders.\udcff"
+        assert dict(m.headers) == {"h": "\udcff\udcfe", "name\udcc3": "ok", "text": "é"}
+        kafka_style = Message(b"k", "s", None,
+                              {"bin": b"\x80\x00\xfe".decode("utf-8", "surrogateescape")})
+        await sink.write_batch([m, kafka_style])
+    finally:
+        await source.close()
+        await sink.close()
+    entries: Any = await r.xrange(dst)
+    assert [f for _, f in entries] == [raw, {b"data": b"k", b"subject": b"s",
+                                             b"bin": b"\x80\x00\xfe"}]
