@@ -153,8 +153,8 @@ class RedisStreamSource(Source[RedisStreamSourceConfig]):
         self._names = {s.encode(): s for s in cfg.streams}
         self._ready: deque[tuple[str, bytes, Message]] = deque()
         self._in_flight: set[tuple[str, bytes]] = set()
-        # acknowledged, XACK not sent yet: (stream, entry id), see acks.py
-        self._acks: AckQueue[tuple[str, bytes]] = AckQueue(
+        # acknowledged, XACK not sent yet: (stream, entry ids) per batch, see acks.py
+        self._acks: AckQueue[tuple[str, list[bytes]]] = AckQueue(
             self._send_acks, "redis-stream-xack", self.context.logger)
         self._own: dict[str, str] = {s: "-" for s in cfg.streams}  # start-up recovery
         self._stale: dict[str, str] = {}  # cursors of the current stale scan
@@ -434,12 +434,12 @@ class RedisStreamSource(Source[RedisStreamSourceConfig]):
         that fails leaves its entries pending; they are claimed again after
         ``min_idle_time`` (at least once), as when the process dies before
         acknowledging."""
-        self._acks.add((stream, e) for stream, entry_ids in ids.items() for e in entry_ids)
+        self._acks.add(ids.items())
 
-    async def _send_acks(self, lot: list[tuple[str, bytes]]) -> None:
+    async def _send_acks(self, lot: list[tuple[str, list[bytes]]]) -> None:
         ids: _Ids = {}
-        for stream, entry_id in lot:
-            ids.setdefault(stream, []).append(entry_id)
+        for stream, entry_ids in lot:
+            ids.setdefault(stream, []).extend(entry_ids)
         try:
             pipe = self._r.pipeline(transaction=False)
             for stream, entry_ids in ids.items():
@@ -449,7 +449,8 @@ class RedisStreamSource(Source[RedisStreamSourceConfig]):
         except Exception as exc:
             self.context.logger.warning(
                 "redis: XACK of %d entries failed; they stay pending and are claimed "
-                "again after min_idle_time: %s", len(lot), read_error(self._link, exc, "XACK"))
+                "again after min_idle_time: %s", sum(map(len, ids.values())),
+                read_error(self._link, exc, "XACK"))
         finally:
             self._settled(ids)
 

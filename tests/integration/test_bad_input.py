@@ -166,6 +166,31 @@ def _reached(count: Callable[[], Awaitable[int]], n: int) -> Callable[[], Awaita
 # ------------------------------------------------------------ Kafka records
 
 
+async def _run_to_jetstream(nc: NATS, nats_url: str, tmp_path: Path, name: str,
+                            source: dict[str, Any], subject: str, stream: str, dlq: str,
+                            n: int, bad: int) -> Collector:
+    """Run ``source`` -> JetStream with a NATS dead letter until ``bad`` letters
+    came and the other ``n - bad`` messages are stored; the letters collected."""
+    letters = await Collector.subscribe(nc, dlq)
+    file = pipeline_file(tmp_path, [{
+        "name": name,
+        "source": source,
+        "sink": {"type": "jetstream", "servers": [nats_url], "subject": subject},
+        "dead_letter": {"type": "nats", "servers": [nats_url], "subject": dlq},
+    }])
+    async with run_in_process(file) as supervisor:
+        await wait_ready_in_process(supervisor, 60)
+        await letters.wait_for(bad, timeout=60)
+
+        async def all_good() -> bool:
+            info = await nc.jetstream().stream_info(stream)
+            return int(info.state.messages) >= n - bad
+
+        await wait_until(all_good, 60, f"{n - bad} messages in {stream}")
+        await asyncio.sleep(1)
+    return letters
+
+
 async def test_huge_header_and_non_utf8_key_are_dead_lettered(
         nc: NATS, nats_url: str, kafka_bootstrap: str, unique: str, tmp_path: Path) -> None:
     topic, stream, dlq = f"bad-{unique}", f"BAD_{unique}", f"baddl.{unique}"
@@ -188,24 +213,10 @@ async def test_huge_header_and_non_utf8_key_are_dead_lettered(
     finally:
         await producer.stop()
     await create_stream(nc, stream, [f"bad.{unique}.>"])
-    letters = await Collector.subscribe(nc, dlq)
-    file = pipeline_file(tmp_path, [{
-        "name": f"bad-{unique}",
-        "source": {"type": "kafka", "bootstrap_servers": [kafka_bootstrap], "topics": [topic],
-                   "group_id": f"bad-{unique}"},
-        "sink": {"type": "jetstream", "servers": [nats_url], "subject": f"bad.{unique}.{{key}}"},
-        "dead_letter": {"type": "nats", "servers": [nats_url], "subject": dlq},
-    }])
-    async with run_in_process(file) as supervisor:
-        await wait_ready_in_process(supervisor, 60)
-        await letters.wait_for(2, timeout=60)
-
-        async def all_good() -> bool:
-            info = await nc.jetstream().stream_info(stream)
-            return int(info.state.messages) >= n - 2
-
-        await wait_until(all_good, 60, f"{n - 2} messages in {stream}")
-        await asyncio.sleep(1)
+    source = {"type": "kafka", "bootstrap_servers": [kafka_bootstrap], "topics": [topic],
+              "group_id": f"bad-{unique}"}
+    letters = await _run_to_jetstream(nc, nats_url, tmp_path, f"bad-{unique}", source,
+                                      f"bad.{unique}.{{key}}", stream, dlq, n, 2)
     reasons = {int(m.headers["Natsconn-Source-Id"].rsplit("/", 1)[1]):
                m.headers.get("Natsconn-Error", "") for m in letters.messages if m.headers}
     assert set(reasons) == {big, bad_key}, reasons
@@ -234,23 +245,9 @@ async def test_redis_header_that_is_not_utf8_is_dead_lettered_by_a_nats_sink(
     finally:
         await r.aclose()
     await create_stream(nc, stream, [f"badr.{unique}"])
-    letters = await Collector.subscribe(nc, dlq)
-    file = pipeline_file(tmp_path, [{
-        "name": f"badr-{unique}",
-        "source": {"type": "redis_stream", "url": redis_url, "streams": [src], "group": "g"},
-        "sink": {"type": "jetstream", "servers": [nats_url], "subject": f"badr.{unique}"},
-        "dead_letter": {"type": "nats", "servers": [nats_url], "subject": dlq},
-    }])
-    async with run_in_process(file) as supervisor:
-        await wait_ready_in_process(supervisor, 60)
-        await letters.wait_for(1, timeout=60)
-
-        async def all_good() -> bool:
-            info = await nc.jetstream().stream_info(stream)
-            return int(info.state.messages) >= n - 1
-
-        await wait_until(all_good, 60, f"{n - 1} messages in {stream}")
-        await asyncio.sleep(1)
+    source = {"type": "redis_stream", "url": redis_url, "streams": [src], "group": "g"}
+    letters = await _run_to_jetstream(nc, nats_url, tmp_path, f"badr-{unique}", source,
+                                      f"badr.{unique}", stream, dlq, n, 1)
     [letter] = letters.messages
     assert seq_of(letter.data) == bad
     assert "header NATS cannot carry" in (letter.headers or {}).get("Natsconn-Error", "")
