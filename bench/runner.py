@@ -20,6 +20,7 @@ would drain it before the others had joined the group.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import socket
@@ -452,7 +453,8 @@ class Harness:
     def _worker_argv(self, spec: dict[str, Any]) -> list[str]:
         if spec["mode"] == "engine" and self.opts.tree is not None:
             # -P: no script directory first on sys.path, so PYTHONPATH decides which
-            # connector/ the engine imports (bench/ comes from this tree after it).
+            # connector/ the engine imports (the tree's, through _tree_shim; bench/
+            # stays this tree's).
             return [sys.executable, "-P", "-m", "bench.worker", json.dumps(spec)]
         return [sys.executable, "-m", "bench.worker", json.dumps(spec)]
 
@@ -503,6 +505,18 @@ class Harness:
                              f"\n{child.stderr_tail()}")
         return result, child.cpu_total, fed
 
+    def _tree_shim(self, tree: Path) -> Path:
+        """A directory holding only ``tree``'s connector/ (a symlink): first on
+        PYTHONPATH it brings that natsconn, while bench/ still comes from this
+        tree (a checkout's own bench/ may differ)."""
+        shim = self._tmp / f"tree-{hashlib.sha1(str(tree).encode()).hexdigest()[:10]}"
+        link, target = shim / "connector", tree / "connector"
+        shim.mkdir(parents=True, exist_ok=True)
+        if not (link.is_symlink() and link.readlink() == target):
+            link.unlink(missing_ok=True)
+            link.symlink_to(target, target_is_directory=True)
+        return shim
+
     def _child_env(self, natsconn: bool = False) -> dict[str, str]:
         """The environment of a child; ``natsconn``: it runs the natsconn measured
         (``--tree``'s code first when given)."""
@@ -512,7 +526,7 @@ class Harness:
         paths = [str(REPO), str(REPO / "plugins")]
         tree = self.opts.tree
         if natsconn and tree is not None:
-            paths = [str(tree), str(tree / "plugins"), *paths]
+            paths = [str(self._tree_shim(tree)), str(tree / "plugins"), *paths]
         env["PYTHONPATH"] = os.pathsep.join([*paths, env.get("PYTHONPATH", "")])
         return env
 

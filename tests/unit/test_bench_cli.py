@@ -64,9 +64,16 @@ def test_tree_that_is_not_a_checkout_is_a_clear_error(tmp_path: Path) -> None:
 def test_tree_puts_the_other_checkout_first_for_natsconn_only(tmp_path: Path) -> None:
     from bench.runner import Harness, Options
 
+    (tmp_path / "connector").mkdir()
+    (tmp_path / "bench").mkdir()  # a checkout's own harness: not the one to run
     harness = Harness(Options(pairs=[], sizes=[128], tree=tmp_path))
+    harness._tmp = tmp_path / "results"
     measured = harness._child_env(natsconn=True)["PYTHONPATH"].split(":")
-    assert measured[:3] == [str(tmp_path), str(tmp_path / "plugins"), str(REPO)]
+    shim = Path(measured[0])
+    assert measured[1:3] == [str(tmp_path / "plugins"), str(REPO)]
+    assert (shim / "connector").resolve() == (tmp_path / "connector").resolve()
+    assert sorted(p.name for p in shim.iterdir()) == ["connector"]  # bench/ is REPO's
+    assert harness._child_env(natsconn=True)["PYTHONPATH"] == ":".join(measured)  # reused
     legs = harness._child_env()["PYTHONPATH"].split(":")
     assert str(tmp_path) not in legs and legs[0] == str(REPO)
     # the engine's worker must not put this tree's directory ahead of PYTHONPATH
