@@ -25,6 +25,7 @@ import json
 import os
 import socket
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -509,7 +510,9 @@ class Harness:
         """A directory holding only ``tree``'s connector/ (a symlink): first on
         PYTHONPATH it brings that natsconn, while bench/ still comes from this
         tree (a checkout's own bench/ may differ)."""
-        shim = self._tmp / f"tree-{hashlib.sha1(str(tree).encode()).hexdigest()[:10]}"
+        # outside the repository: mypy and ruff would follow the symlink
+        digest = hashlib.sha1(str(tree).encode()).hexdigest()[:10]
+        shim = Path(tempfile.gettempdir()) / f"natsconn-bench-tree-{digest}"
         link, target = shim / "connector", tree / "connector"
         shim.mkdir(parents=True, exist_ok=True)
         if not (link.is_symlink() and link.readlink() == target):

@@ -67,13 +67,15 @@ def test_tree_puts_the_other_checkout_first_for_natsconn_only(tmp_path: Path) ->
     (tmp_path / "connector").mkdir()
     (tmp_path / "bench").mkdir()  # a checkout's own harness: not the one to run
     harness = Harness(Options(pairs=[], sizes=[128], tree=tmp_path))
-    harness._tmp = tmp_path / "results"
     measured = harness._child_env(natsconn=True)["PYTHONPATH"].split(":")
     shim = Path(measured[0])
     assert measured[1:3] == [str(tmp_path / "plugins"), str(REPO)]
     assert (shim / "connector").resolve() == (tmp_path / "connector").resolve()
     assert sorted(p.name for p in shim.iterdir()) == ["connector"]  # bench/ is REPO's
     assert harness._child_env(natsconn=True)["PYTHONPATH"] == ":".join(measured)  # reused
+    assert REPO not in shim.parents  # mypy and ruff must not follow it
+    (shim / "connector").unlink()
+    shim.rmdir()
     legs = harness._child_env()["PYTHONPATH"].split(":")
     assert str(tmp_path) not in legs and legs[0] == str(REPO)
     # the engine's worker must not put this tree's directory ahead of PYTHONPATH
