@@ -8,6 +8,7 @@ import pytest
 
 from connector.engine.backoff import Backoff
 from connector.engine.batcher import Batcher, SinkBatch
+from connector.engine.deadletter import carriable, header_safe
 from connector.engine.tracker import Tracker
 from connector.engine.window import Window
 
@@ -172,8 +173,6 @@ def test_buffer_age_bounds_the_oldest_unread_message() -> None:
 
 
 def test_letter_text_that_is_not_utf8_is_escaped_so_any_target_carries_it() -> None:
-    from connector.engine.deadletter import carriable, header_safe
-
     raw = b"\xff\xfe".decode("utf-8", "surrogateescape")  # as Kafka and Redis read it
     assert carriable("plain é") == "plain é"
     assert carriable(raw) == "\\xff\\xfe"

@@ -11,8 +11,10 @@ import redis.asyncio as aioredis
 from natsconn_redis.kv_sink import RedisKvSink
 from natsconn_redis.list_sink import RedisListSink
 from natsconn_redis.stream_sink import RedisStreamSink
+from natsconn_redis.stream_source import RedisStreamSource
 
 from connector import Message, PartialWriteError, RejectedError, RetryableError
+from connector.testing.kit import collect
 
 from .redis_helpers import at
 
@@ -173,10 +175,6 @@ async def test_bytes_that_are_not_utf8_go_through_redis_byte_for_byte(
     binary header) and written back as the very same bytes. Before: the source
     replaced them with U+FFFD, and a Kafka binary header made the sink's write
     fail with a UnicodeEncodeError, retried for ever."""
-    from natsconn_redis.stream_source import RedisStreamSource
-
-    from connector.testing.kit import collect
-
     src, dst = f"it:{unique}:raw-in", f"it:{unique}:raw-out"
     raw = {b"data": b"\x00\xff payload", b"subject": b"orders.\xff",
            b"h": b"\xff\xfe", b"name\xc3": b"ok", b"text": "é".encode()}
